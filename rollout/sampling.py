@@ -1,0 +1,49 @@
+"""Token sampling whose log-probs are those of the distribution actually sampled from.
+
+The behaviour log-prob of a token is log pi'(token), where pi' is the model's distribution after temperature
+scaling and after top-k / top-p truncation renormalise the kept tokens. CISPO's importance ratio is
+r = pi_learner(token) / pi'(token). With the defaults (temperature 1, no truncation) pi' equals the policy and
+r is the true ratio. With truncation, pi'(token) >= pi(token) for every kept token (the removed mass is
+spread over the kept ones), so unless the learner applies the same truncation r is biased below 1 by the
+kept mass Z = sum of pi over kept tokens (r = Z * pi_new / pi_old); with temperature T != 1 the learner must
+divide its logits by the same T for r to stay a ratio of the same distributions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cispo.types import SamplingParams
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """FP32 log-probs [B, V] of the sampling distribution: temperature, then top-k, then top-p."""
+    scaled = logits.float() / params.temperature
+    vocab = scaled.shape[-1]
+    if 0 < params.top_k < vocab:
+        kth = torch.topk(scaled, params.top_k, dim=-1).values[:, -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if params.top_p < 1.0:
+        scaled = _top_p_mask(scaled, params.top_p)
+    return torch.log_softmax(scaled, dim=-1)
+
+
+def _top_p_mask(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
+    sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    # Drop a token once the mass strictly before it already reaches top_p; the most likely token always stays.
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted = mass_before >= top_p
+    drop_sorted[:, 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return scaled.masked_fill(drop, float("-inf"))
+
+
+def sample(logprobs: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row from exp(logprobs); return (tokens [B], their log-probs [B])."""
+    probs = logprobs.exp()
+    # argmax(p / E) with E ~ Exp(1) is an exact draw from p (the exponential race); zero-probability tokens
+    # can never win, unlike a Gumbel perturbation of -inf with finite noise.
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    tokens = (probs / noise).argmax(dim=-1)
+    return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
