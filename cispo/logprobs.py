@@ -98,7 +98,9 @@ def token_logprobs(
     chunk_size rows at a time.
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
-        raise ValueError(f"hidden must be [N, H] and targets [N]; got {tuple(hidden.shape)}, {tuple(targets.shape)}")
+        raise ValueError(
+            f"hidden must be [N, H] and targets [N]; got {tuple(hidden.shape)}, {tuple(targets.shape)}"
+        )
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"weight must be [V, {hidden.shape[1]}], got {tuple(weight.shape)}")
     if chunk_size < 1 or temperature <= 0:
@@ -152,6 +154,7 @@ def sequence_logprobs(
         temperature=temperature,
         with_entropy=with_entropy,
     )
+
     def scatter(values: Tensor) -> Tensor:
         dense = torch.zeros(predicted.shape, dtype=torch.float32, device=input_ids.device)
         return torch.nn.functional.pad(dense.masked_scatter(predicted, values), (1, 0))

@@ -115,9 +115,7 @@ def normalization_weights(
     raise ValueError(f"unknown normalizer {normalizer!r}; choose one of {list(NORMALIZERS)}")
 
 
-def _weights(
-    mask: Tensor, normalizer: str, group_ids: Tensor | None, token_weights: Tensor | None
-) -> Tensor:
+def _weights(mask: Tensor, normalizer: str, group_ids: Tensor | None, token_weights: Tensor | None) -> Tensor:
     if token_weights is None:
         return normalization_weights(mask, normalizer, group_ids)
     if token_weights.shape != mask.shape:
@@ -260,7 +258,7 @@ def dapo_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """DAPO: the clipped surrogate with clip-higher (1 - 0.2, 1 + 0.28) and token-level normalisation.
 
-    loss = -sum_{i,t} min(r_t A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i) / sum(mask); shapes as cispo_loss.
+    loss = -sum_{i,t} min(r_t A_i, clip(r_t, 1 - eps_low, 1 + eps_high) A_i) / sum(mask).
     """
     weights = _weights(mask, normalizer, group_ids, token_weights)
     return _clipped_surrogate(logprobs, old_logprobs, advantages, mask, eps_low, eps_high, weights)

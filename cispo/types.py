@@ -42,7 +42,9 @@ class SamplingParams:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (use a small value for near-greedy), got {self.temperature}")
+            raise ValueError(
+                f"temperature must be > 0 (use a small value for near-greedy), got {self.temperature}"
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -123,10 +125,14 @@ class TrainBatch:
         shape = self.input_ids.shape
         for name in ("attention_mask", "response_mask", "old_logprobs"):
             if getattr(self, name).shape != shape:
-                raise ValueError(f"TrainBatch.{name} has shape {tuple(getattr(self, name).shape)}, "
-                                 f"expected {tuple(shape)} like input_ids")
+                raise ValueError(
+                    f"TrainBatch.{name} has shape {tuple(getattr(self, name).shape)}, "
+                    f"expected {tuple(shape)} like input_ids"
+                )
         if self.advantages.shape != shape[:1]:
-            raise ValueError(f"TrainBatch.advantages has shape {tuple(self.advantages.shape)}, expected [{shape[0]}]")
+            raise ValueError(
+                f"TrainBatch.advantages has shape {tuple(self.advantages.shape)}, expected [{shape[0]}]"
+            )
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])

@@ -1,0 +1,21 @@
+"""Rewards: a registry of plugins (see ``rewards.base`` for the contract) and a weighted, timed scorer.
+
+Built-in names: math, logic, code, code_io, format, overlong, exact_match, genrm. Rewards import
+``sandboxes`` and nothing else of ours.
+"""
+
+from rewards.base import RewardError, RewardFn, RewardInput, RewardResult
+from rewards.registry import available_rewards, get_reward, register_reward
+from rewards.scorer import RewardScorer, RewardSpec
+
+__all__ = [
+    "RewardError",
+    "RewardFn",
+    "RewardInput",
+    "RewardResult",
+    "RewardScorer",
+    "RewardSpec",
+    "available_rewards",
+    "get_reward",
+    "register_reward",
+]

@@ -18,7 +18,9 @@ from cispo.types import SamplingParams
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """FP32 log-probs [B, V] of the sampling distribution: temperature, then top-k, then top-p."""
-    scaled = logits.float() / params.temperature
+    scaled = logits.float()
+    if params.temperature != 1.0:
+        scaled = scaled / params.temperature
     vocab = scaled.shape[-1]
     if 0 < params.top_k < vocab:
         kth = torch.topk(scaled, params.top_k, dim=-1).values[:, -1:]

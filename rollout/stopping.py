@@ -6,6 +6,7 @@ reason. The sampled token that triggers a stop stays in the response (an EOS tok
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,10 +30,15 @@ class StopRule:
 @dataclass
 class EosRule(StopRule):
     eos_token_ids: tuple[int, ...] = ()
+    _eos: torch.Tensor | None = None
+
+    def reset(self, batch_size: int, device: torch.device) -> None:
+        # Built once per batch: a fresh host tensor every step would be a host-to-device copy per token.
+        self._eos = torch.tensor(self.eos_token_ids, dtype=torch.long, device=device)
 
     def fires(self, tokens: torch.Tensor, logprobs: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
-        eos = torch.tensor(self.eos_token_ids, dtype=tokens.dtype, device=tokens.device)
-        return torch.isin(tokens, eos)
+        assert self._eos is not None, "reset() before fires()"
+        return torch.isin(tokens, self._eos)
 
 
 @dataclass
@@ -88,8 +94,8 @@ class StopTracker:
         self.num_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.reason_code = torch.full((batch_size,), -1, dtype=torch.long, device=device)
 
-    def update(self, tokens: torch.Tensor, logprobs: torch.Tensor) -> bool:
-        """Record one sampled token per row (ignored for finished rows); return True once all rows are done."""
+    def update(self, tokens: torch.Tensor, logprobs: torch.Tensor, check_done: bool = True) -> bool:
+        """Record one sampled token per row (finished rows ignored); True once every row is done."""
         active = ~self.finished
         self.num_tokens += active.long()
         for code, rule in enumerate(self.rules):
@@ -97,7 +103,20 @@ class StopTracker:
             stop = rule.fires(tokens, logprobs, self.num_tokens) & active & (self.reason_code < 0)
             self.reason_code = torch.where(stop, torch.full_like(self.reason_code, code), self.reason_code)
         self.finished |= self.reason_code >= 0
-        return bool(self.finished.all())
+        return check_done and bool(self.finished.all())
 
     def reasons(self) -> list[str]:
         return [self.rules[c].reason for c in self.reason_code.tolist()]
+
+
+def repetition_cut(logprobs: list[float], num_tokens: int, threshold: float) -> int | None:
+    """Length at which the repetition stop fires on a finished sequence (engines that cannot stop it live)."""
+    if num_tokens <= 0:
+        return None
+    log_threshold = math.log(threshold)
+    run = 0
+    for position, logprob in enumerate(logprobs):
+        run = run + 1 if logprob > log_threshold else 0
+        if run >= num_tokens:
+            return position + 1
+    return None

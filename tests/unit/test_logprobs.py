@@ -15,8 +15,9 @@ def test_chunked_equals_naive_forward_and_backward(temperature, with_bias):
     targets = torch.randint(0, v, (n,))
     coeff = torch.randn(n)  # an arbitrary upstream gradient
 
-    lp, ent = token_logprobs(hidden, weight, targets, bias=bias, chunk_size=8, temperature=temperature,
-                             with_entropy=True)
+    lp, ent = token_logprobs(
+        hidden, weight, targets, bias=bias, chunk_size=8, temperature=temperature, with_entropy=True
+    )
     (lp * coeff).sum().backward()
     grads = [hidden.grad.clone(), weight.grad.clone()] + ([bias.grad.clone()] if with_bias else [])
     for t in [hidden, weight] + ([bias] if with_bias else []):
@@ -47,8 +48,15 @@ def test_sequence_logprobs_matches_full_forward():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = LlamaForCausalLM(config).eval()
     input_ids = torch.randint(1, 64, (2, 9))
     attention_mask = torch.ones(2, 9, dtype=torch.long)
@@ -56,7 +64,9 @@ def test_sequence_logprobs_matches_full_forward():
     response_mask = torch.zeros(2, 9)
     response_mask[0, 4:] = 1
     response_mask[1, 3:7] = 1
-    lp, ent = sequence_logprobs(model, input_ids, attention_mask, response_mask, chunk_size=3, with_entropy=True)
+    lp, ent = sequence_logprobs(
+        model, input_ids, attention_mask, response_mask, chunk_size=3, with_entropy=True
+    )
     with torch.no_grad():
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
     ref = torch.log_softmax(logits[:, :-1], -1).gather(2, input_ids[:, 1:, None]).squeeze(2)

@@ -28,7 +28,8 @@ def test_cispo_value_gradient_and_metrics_by_hand():
     logprobs, old, adv, mask = example()
     loss, metrics = cispo_loss(logprobs, old, adv, mask, eps_low=1.0, eps_high=4.0)
     # w = clip(r, 0, 5): row 0 [2, 1], row 1 [5, 0.5, 1]
-    # sum w*A*logp = (2*1*-1) + (1*1*-2) + (5*-2*-0.5) + (0.5*-2*-1.5) + (1*-2*-0.1) = -4 + 5 + 1.5 + 0.2 = 2.7
+    # sum w*A*logp = (2*1*-1) + (1*1*-2) + (5*-2*-0.5) + (0.5*-2*-1.5) + (1*-2*-0.1)
+    #              = -4 + 5 + 1.5 + 0.2 = 2.7
     # loss = -2.7 / 5
     assert loss.item() == pytest.approx(-0.54, abs=1e-6)
     loss.backward()
@@ -59,7 +60,7 @@ def test_gradient_identity_on_random_inputs():
 
 
 def test_offset_convention_not_absolute_cap():
-    # eps_high = 4 caps the weight at 1 + 4 = 5, so r = 4.5 passes unclipped (TRL's absolute cap would give 4).
+    # eps_high = 4 caps the weight at 1 + 4 = 5, so r = 4.5 passes unclipped (TRL's absolute cap: 4).
     logprobs = torch.tensor([[math.log(4.5)]], requires_grad=True)
     old = torch.zeros(1, 1)
     loss, metrics = cispo_loss(logprobs, old, torch.tensor([1.0]), torch.ones(1, 1), eps_high=4.0)
@@ -72,8 +73,9 @@ def test_clipping_exactly_at_the_boundaries():
     # r exactly 1 + eps_high and exactly 1 - eps_low: weight equals the ratio, nothing counted as clipped.
     ratios = torch.tensor([[1.28, 0.8, 1.2800001 * 1.01, 0.79]])
     logprobs = torch.log(ratios).requires_grad_()
-    loss, metrics = cispo_loss(logprobs, torch.zeros(1, 4), torch.tensor([1.0]), torch.ones(1, 4),
-                               eps_low=0.2, eps_high=0.28)
+    loss, metrics = cispo_loss(
+        logprobs, torch.zeros(1, 4), torch.tensor([1.0]), torch.ones(1, 4), eps_low=0.2, eps_high=0.28
+    )
     loss.backward()
     # w = [1.28, 0.8, 1.28 (clipped), 0.8 (clipped)]; grad = -w * A / 4
     torch.testing.assert_close(logprobs.grad, -torch.tensor([[1.28, 0.8, 1.28, 0.8]]) / 4)
@@ -155,8 +157,13 @@ def test_microbatches_with_precomputed_weights_sum_to_full_batch():
         full, _ = cispo_loss(logprobs, old, adv, mask, normalizer=normalizer, group_ids=groups)
         weights = normalization_weights(mask, normalizer, groups)
         parts = [
-            cispo_loss(logprobs[i : i + 1], old[i : i + 1], adv[i : i + 1], mask[i : i + 1],
-                       token_weights=weights[i : i + 1])[0]
+            cispo_loss(
+                logprobs[i : i + 1],
+                old[i : i + 1],
+                adv[i : i + 1],
+                mask[i : i + 1],
+                token_weights=weights[i : i + 1],
+            )[0]
             for i in range(2)
         ]
         assert (parts[0] + parts[1]).item() == pytest.approx(full.item(), abs=1e-6), normalizer

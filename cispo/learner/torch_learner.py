@@ -1,0 +1,135 @@
+"""Single-process PyTorch learner: any registered policy loss, AdamW, token-budget micro-batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cispo.batching import token_budget_chunks
+from cispo.config import AlgorithmConfig, LearnerConfig
+from cispo.learner import register_learner
+from cispo.learner.common import (
+    accumulate,
+    build_optimizer,
+    lr_lambda,
+    micro_batch_loss,
+    moe_context,
+    policy_logprobs,
+    wants_packing,
+)
+from cispo.losses import get_policy_loss, normalization_weights
+from cispo.types import TrainBatch
+
+__all__ = ["TorchLearner", "build_optimizer", "lr_lambda"]
+
+
+class TorchLearner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: LearnerConfig,
+        algorithm: AlgorithmConfig,
+        *,
+        total_steps: int = 1000,
+        temperature: float = 1.0,
+    ) -> None:
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self.model, self.cfg, self.algorithm, self.temperature = model, cfg, algorithm, temperature
+        self.loss_fn = get_policy_loss(algorithm.loss)
+        self.optimizer = build_optimizer(model, cfg)
+        steps = total_steps * algorithm.updates_per_batch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, steps)
+        )
+        self.version = 0
+        self.packing = wants_packing(model, cfg)
+
+    def _logprobs(self, batch: TrainBatch, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return policy_logprobs(self.model, batch, self.cfg, self.temperature, with_entropy, self.packing)
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
+        out = torch.zeros_like(batch.old_logprobs)
+        for rows in token_budget_chunks(batch, self.cfg.micro_batch_tokens):
+            part = batch.select(rows)
+            with moe_context(self.model, part, self.cfg):
+                out[rows, : part.input_ids.shape[1]] = self._logprobs(part, with_entropy=False)[0]
+        return out
+
+    def train_step(self, batch: TrainBatch, return_logprobs: bool = False) -> dict[str, float]:
+        """One optimizer step on one minibatch; the loss is normalised over the whole minibatch.
+
+        With return_logprobs, the current policy's log-probs of the batch (taken in the same forward, so
+        before this step's update) come back under "_logprobs" as a [B, L] tensor.
+        """
+        self.model.train()
+        weights = normalization_weights(batch.response_mask, self.algorithm.normalizer, batch.group_ids)
+        totals: dict[str, float] = {}
+        tokens = max(batch.num_response_tokens(), 1)
+        seen_logprobs = torch.zeros_like(batch.old_logprobs) if return_logprobs else None
+        for rows in token_budget_chunks(batch, self.cfg.micro_batch_tokens):
+            part = batch.select(rows)
+            share = part.num_response_tokens() / tokens
+            with moe_context(self.model, part, self.cfg) as router_logits:
+                logprobs, entropy = self._logprobs(part, with_entropy=True)
+            loss, metrics = micro_batch_loss(
+                self.model,
+                logprobs,
+                entropy,
+                part,
+                weights[rows, : part.input_ids.shape[1]],
+                router_logits,
+                loss_fn=self.loss_fn,
+                cfg=self.cfg,
+                algorithm=self.algorithm,
+                token_share=share,
+            )
+            loss.backward()
+            accumulate(totals, metrics, loss, share)
+            if seen_logprobs is not None:
+                seen_logprobs[rows, : part.input_ids.shape[1]] = logprobs.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.cfg.grad_clip or float("inf")
+        )
+        totals["grad_norm"] = float(grad_norm)
+        totals["lr"] = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.version += 1
+        if seen_logprobs is not None:
+            totals["_logprobs"] = seen_logprobs  # type: ignore[assignment]
+        return totals
+
+    def state_dict_for_sync(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    def save(self, directory: str) -> None:
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "version": self.version,
+            },
+            path / "learner.pt",
+        )
+
+    def load(self, directory: str) -> None:
+        state = torch.load(Path(directory) / "learner.pt", map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.version = int(state["version"])
+
+    def close(self) -> None:
+        pass
+
+
+@register_learner("torch")
+def _build_torch_learner(**kwargs) -> TorchLearner:
+    return TorchLearner(**kwargs)

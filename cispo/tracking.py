@@ -1,0 +1,161 @@
+"""Where metrics go: <run dir>/metrics.jsonl always, W&B (online or offline), a rich progress bar.
+
+W&B mode "auto" goes online only when an API key is configured and the server answers; otherwise it
+writes an offline run under <run dir>/wandb that `wandb sync` can upload later.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from cispo.config import LoggingConfig
+
+
+def _wandb_reachable(host: str = "api.wandb.ai", timeout: float = 1.5) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def resolve_wandb_mode(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").exists()
+    return "online" if has_key and _wandb_reachable() else "offline"
+
+
+class Tracker:
+    def __init__(
+        self,
+        cfg: LoggingConfig,
+        run_dir: Path,
+        run_name: str,
+        config: dict[str, Any],
+        total_steps: int,
+        resumed: bool = False,
+    ) -> None:
+        self.cfg, self.run_dir = cfg, run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self._file = self.metrics_path.open("a" if resumed else "w")
+        self.wandb = None
+        self.wandb_mode = resolve_wandb_mode(cfg.wandb)
+        if self.wandb_mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=cfg.project,
+                name=run_name,
+                dir=str(run_dir),
+                config=config,
+                mode=self.wandb_mode,
+                resume="allow",
+                id=_run_id(run_dir),
+            )
+        self.progress = None
+        if cfg.progress:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]CISPO"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
+            )
+            self.task = self.progress.add_task("train", total=total_steps, status="")
+            self.progress.start()
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        record = {"step": step, **{k: _finite(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if self.progress is not None:
+            status = (
+                f"reward {metrics.get('reward/mean', 0):.3f}  eval {metrics.get('eval/accuracy', 0):.3f}  "
+                f"{metrics.get('throughput/tokens_per_s', 0):,.0f} tok/s"
+            )
+            self.progress.update(self.task, completed=step, status=status)
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """A W&B table of sample completions (and a JSONL copy next to the metrics)."""
+        with (self.run_dir / "samples.jsonl").open("a") as f:
+            for row in rows:
+                f.write(json.dumps({"step": step, **row}) + "\n")
+        if self.wandb is not None and rows:
+            import wandb
+
+            columns = list(rows[0])
+            table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
+            self.wandb.log({"samples": table}, step=step)
+
+    def print(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(message)
+        else:
+            print(message, flush=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        self._file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _run_id(run_dir: Path) -> str:
+    """A stable W&B id per run directory, so a resumed run continues the same W&B run."""
+    path = run_dir / ".wandb_id"
+    if not path.exists():
+        import uuid
+
+        path.write_text(uuid.uuid4().hex[:12])
+    return path.read_text().strip()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(metrics_path: Path, out_path: Path) -> Path:
+    """A PNG of reward, eval accuracy and response length against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    panels = [
+        ("reward/mean", "train reward"),
+        ("eval/accuracy", "held-out accuracy"),
+        ("response_length/mean", "response length (tokens)"),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (key, title) in zip(axes, panels):
+        points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+        if key == "eval/accuracy":
+            points = [(r["step"], r[key]) for r in records if r.get("eval/ran")]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o" if key == "eval/accuracy" else None, linewidth=1.2)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,141 @@
+"""Score batches with several weighted rewards, a per-sample timeout and failure metrics.
+
+Worker threads are daemons so a reward stuck in C code (sympy, a hung judge) cannot block interpreter exit;
+a timed-out worker is abandoned and replaced, so the pool keeps ``max_workers`` usable threads.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from rewards.base import RewardError, RewardInput, RewardResult
+from rewards.registry import LoadedReward, get_reward
+
+
+@dataclass
+class RewardSpec:
+    """One reward in the mix: registered name or ``pkg.mod:fn``, its weight, its keyword arguments."""
+
+    name: str
+    weight: float = 1.0
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Task:
+    index: int
+    spec: int
+    inp: RewardInput
+    started: float | None = None
+    done: bool = False
+    abandoned: bool = False
+    result: RewardResult | None = None
+    error: BaseException | None = None
+
+
+class RewardScorer:
+    """``score(inputs)`` returns one combined RewardResult per input: ``sum(weight_i * score_i)``."""
+
+    def __init__(
+        self, specs: list[RewardSpec], *, timeout_s: float = 10.0, strict: bool = False, max_workers: int = 2
+    ) -> None:
+        if not specs:
+            raise ValueError("RewardScorer: at least one RewardSpec is needed")
+        self.specs = list(specs)
+        self.rewards: list[LoadedReward] = [get_reward(s.name, **s.kwargs) for s in self.specs]
+        self.timeout_s, self.strict, self.max_workers = timeout_s, strict, max_workers
+        self._queue: queue.Queue[_Task] = queue.Queue()
+        self._cond = threading.Condition()
+        self._workers = 0
+        self._counts: Counter[str] = Counter()
+        self._sums: Counter[str] = Counter()
+        self._ensure_workers()
+
+    def _ensure_workers(self) -> None:
+        while self._workers < self.max_workers:
+            self._workers += 1
+            threading.Thread(target=self._work, daemon=True, name="reward-worker").start()
+
+    def _work(self) -> None:
+        while True:
+            task = self._queue.get()
+            with self._cond:
+                task.started = time.monotonic()
+            try:
+                result, error = self.rewards[task.spec](task.inp), None
+            except BaseException as e:  # noqa: BLE001 - any plugin failure becomes a reason, not a crash
+                result, error = None, e
+            with self._cond:
+                if task.abandoned:
+                    return  # replaced by a fresh worker when it timed out; leave the pool size unchanged
+                task.result, task.error, task.done = result, error, True
+                self._cond.notify_all()
+
+    def _wait(self, tasks: list[_Task]) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                pending = [t for t in tasks if not t.done]
+                if not pending:
+                    return
+                for t in pending:
+                    if t.started is not None and now - t.started > self.timeout_s:
+                        t.abandoned = t.done = True
+                        self._workers -= 1
+                self._ensure_workers()
+                running = [t.started for t in pending if t.started is not None and not t.done]
+                wake = min((s + self.timeout_s - now for s in running), default=self.timeout_s)
+                self._cond.wait(timeout=max(0.01, min(wake, 1.0)))
+
+    def _resolve(self, t: _Task) -> RewardResult:
+        name = self.specs[t.spec].name
+        if t.abandoned:
+            self._counts["reward/timeouts"] += 1
+            self._counts[f"reward/{name}/timeouts"] += 1
+            if self.strict:
+                raise RewardError(f"reward {name!r} timed out after {self.timeout_s}s on sample {t.index}")
+            return RewardResult(0.0, f"{name}: timeout after {self.timeout_s}s")
+        if t.error is not None:
+            self._counts["reward/errors"] += 1
+            self._counts[f"reward/{name}/errors"] += 1
+            if self.strict:
+                raise RewardError(f"reward {name!r} failed on sample {t.index}: {t.error!r}") from t.error
+            return RewardResult(0.0, f"{name}: error {type(t.error).__name__}: {str(t.error)[:120]}")
+        assert t.result is not None
+        if t.result.score == 0.0 and t.result.reason:
+            self._counts[f"reward/{name}/zero"] += 1
+        return t.result
+
+    def score(self, inputs: list[RewardInput]) -> list[RewardResult]:
+        """Combined results in input order; one failing sample or reward never loses the others."""
+        tasks = [_Task(i, j, inp) for i, inp in enumerate(inputs) for j in range(len(self.rewards))]
+        for t in tasks:
+            self._queue.put(t)
+        self._wait(tasks)
+        out: list[RewardResult] = []
+        for i in range(len(inputs)):
+            mine = tasks[i * len(self.rewards) : (i + 1) * len(self.rewards)]
+            parts = [(self.specs[t.spec], self._resolve(t)) for t in mine]
+            total = sum(spec.weight * r.score for spec, r in parts)
+            reason = "; ".join(r.reason for _, r in parts if r.reason)
+            out.append(RewardResult(total, reason))
+            for spec, r in parts:
+                self._sums[f"reward/{spec.name}/mean"] += r.score
+        self._counts["reward/samples"] += len(inputs)
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """Failure counts by reason (and per-reward means) since the previous call."""
+        n = self._counts.get("reward/samples", 0)
+        out: dict[str, Any] = {k: float(v) for k, v in self._counts.items()}
+        out.update({k: v / n for k, v in self._sums.items()} if n else {})
+        out.setdefault("reward/errors", 0.0)
+        out.setdefault("reward/timeouts", 0.0)
+        self._counts.clear()
+        self._sums.clear()
+        return out

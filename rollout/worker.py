@@ -1,0 +1,64 @@
+"""RolloutWorker: one inference engine inside one Ray actor.
+
+The class is plain Python (wrapped with ray.remote by the manager) so it can also be driven in-process.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+from cispo.types import Generation, SamplingParams
+from rollout.engine import build_engine
+from rollout.weight_sync import TensorMeta, init_weight_group, receive_state_dict
+
+
+class RolloutWorker:
+    def __init__(
+        self, engine_name: str, engine_kwargs: dict[str, Any], num_threads: int | None = None
+    ) -> None:
+        if num_threads is not None:
+            # Every process on a small box otherwise grabs all cores and they thrash each other.
+            torch.set_num_threads(num_threads)
+            try:
+                torch.set_num_interop_threads(1)
+            except RuntimeError:  # only settable before the first parallel op in this process
+                pass
+        self.engine = build_engine(engine_name, **engine_kwargs)
+        self._group: Any = None
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams
+    ) -> tuple[list[Generation], dict[str, float]]:
+        generations = self.engine.generate(prompts, params)
+        return generations, dict(self.engine.last_timings)
+
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> float:
+        start = time.perf_counter()
+        self.engine.load_weights(state_dict, version)
+        return time.perf_counter() - start
+
+    def version(self) -> int:
+        return self.engine.version
+
+    # The broadcast path: engines that receive inside their own processes (vllm) implement these themselves.
+    def init_weight_group(self, host: str, port: int, rank: int, world_size: int, backend: str) -> None:
+        if hasattr(self.engine, "init_weight_group"):
+            self.engine.init_weight_group(host, port, rank, world_size, backend)
+        else:
+            self._group = init_weight_group(host, port, rank, world_size, backend)
+
+    def receive_weights(self, metas: list[TensorMeta], version: int) -> float:
+        start = time.perf_counter()
+        if hasattr(self.engine, "receive_weights"):
+            self.engine.receive_weights(metas, version)
+        else:
+            device = getattr(self.engine, "device", "cpu")
+            self.engine.load_weights(receive_state_dict(self._group, metas, device), version)
+        return time.perf_counter() - start

@@ -1,0 +1,43 @@
+"""Tiny models and batches shared by the learner tests."""
+
+from __future__ import annotations
+
+import torch
+
+from cispo.batching import build_train_batch
+from cispo.config import ModelConfig
+from cispo.policy import build_policy, load_tokenizer
+from cispo.types import Sample, TrainBatch
+
+TINY_ARCH = {"hidden_size": 32, "intermediate_size": 32, "head_dim": 8}
+
+
+def tiny_minimax(seed: int = 0):
+    tok = load_tokenizer("builtin:char")
+    return build_policy(ModelConfig(arch=TINY_ARCH), tok, seed=seed), tok
+
+
+def tiny_dense(seed: int = 0, vocab: int = 100):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=False)
+    return Qwen2ForCausalLM(config)
+
+
+def make_batch(tok, n: int = 8, seed: int = 0) -> TrainBatch:
+    """n rows, 2 groups, prompts of 6-7 tokens and responses of 2-7 tokens (so rows need padding)."""
+    gen = torch.Generator().manual_seed(seed)
+    samples = []
+    for i in range(n):
+        prompt = tok(f"{10 + i}+{20 + 3 * i}=")["input_ids"]
+        length = 2 + (i * 5) % 6
+        samples.append(Sample(
+            group_index=i % 2, prompt_ids=prompt,
+            response_ids=torch.randint(4, 20, (length,), generator=gen).tolist(),
+            behaviour_logprobs=(-0.5 - torch.rand(length, generator=gen) * 3).tolist(),
+            finish_reason="eos", policy_version=0,
+        ))
+    return build_train_batch(samples, torch.randn(n, generator=gen), pad_token_id=0)

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import pytest
+
+from rewards import RewardInput, get_reward
+from rewards.genrm import GenerativeRewardModel
+from rewards.length import overlong_penalty
+
+
+@pytest.mark.parametrize(
+    ("style", "text", "expected"),
+    [
+        ("think", "<think>reasoning</think> The answer is 4.", 1.0),
+        ("think", "<think></think> 4", 0.0),
+        ("think", "The answer is 4.", 0.0),
+        ("think", "<think>never closed 4", 0.0),
+        ("think_answer", "<think>r</think>\n<answer>4</answer>", 1.0),
+        ("think_answer", "<think>r</think>\n<answer>4</answer> trailing", 0.0),
+        ("boxed", "so \\boxed{4}", 1.0),
+        ("answer_tags", "no tags", 0.0),
+    ],
+)
+def test_format_styles(style: str, text: str, expected: float) -> None:
+    assert get_reward("format", style=style)(RewardInput("q", text)).score == expected
+
+
+def test_format_custom_pattern_and_unknown_style() -> None:
+    assert get_reward("format", pattern=r"^Answer: \d+$")(RewardInput("q", "Answer: 12")).score == 1.0
+    with pytest.raises(ValueError, match="unknown style 'fancy'"):
+        get_reward("format", style="fancy")(RewardInput("q", "x"))
+
+
+def test_overlong_penalty_matches_dapo() -> None:
+    # L_max = 100, L_cache = 20: no penalty up to 80, linear to -1 at 100, -1 beyond
+    assert [overlong_penalty(n, 100, 20) for n in (10, 80, 85, 90, 100, 101)] == [
+        0.0,
+        0.0,
+        -0.25,
+        -0.5,
+        -1.0,
+        -1.0,
+    ]
+    with pytest.raises(ValueError, match="cache_len"):
+        overlong_penalty(10, 100, 0)
+    reward = get_reward("overlong", max_len=100, cache_len=20)
+    assert reward(RewardInput("q", "x", metadata={"response_length": 95})).score == -0.75
+
+
+def judge(prompts: list[str]) -> list[str]:
+    return ["Reasoning is fine.\nScore: 8" if "\\boxed{4}" in p else "I refuse to grade." for p in prompts]
+
+
+def test_genrm_scores_and_unparsable_is_zero_with_reason() -> None:
+    seen: list[list[str]] = []
+
+    def generate(prompts: list[str]) -> list[str]:
+        seen.append(prompts)
+        return judge(prompts)
+
+    model = GenerativeRewardModel(generate)
+    out = model.score_batch([RewardInput("2+2?", "\\boxed{4}", "4"), RewardInput("2+2?", "five", "4")])
+    assert out[0].score == 0.8 and out[1].score == 0.0 and "unparsable" in out[1].reason
+    assert len(seen) == 1 and "2+2?" in seen[0][0] and "Reference answer" in seen[0][0]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("Score: 10", 1.0), ("[[3]]", 0.3), ("<score>5</score>", 0.5), ("score = 2/4", 0.5), ("Score: 11", 0.0)],
+)
+def test_genrm_parse_forms(text: str, expected: float) -> None:
+    assert GenerativeRewardModel(judge).parse(text).score == expected
+
+
+def test_genrm_registered_with_dotted_generate() -> None:
+    reward = get_reward("genrm", generate=f"{__name__}:judge")
+    assert reward(RewardInput("q", "\\boxed{4}")).score == 0.8

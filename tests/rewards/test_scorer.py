@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from rewards import RewardError, RewardInput, RewardResult, RewardScorer, RewardSpec
+
+
+def slow_on_marker(inp: RewardInput) -> float:
+    if "SLOW" in inp.completion:
+        time.sleep(5)
+    return 1.0
+
+
+def raises_on_marker(inp: RewardInput) -> RewardResult:
+    if "BOOM" in inp.completion:
+        raise KeyError("boom")
+    return RewardResult(0.5, "half")
+
+
+def _inputs(*completions: str) -> list[RewardInput]:
+    return [RewardInput("q", c, reference="4") for c in completions]
+
+
+def test_weighted_combination_in_order() -> None:
+    scorer = RewardScorer([RewardSpec("math", 2.0), RewardSpec("format", 0.5, {"style": "boxed"})])
+    out = scorer.score(_inputs("\\boxed{4}", "\\boxed{5}", "no answer", "#### 4"))
+    assert [r.score for r in out] == [2.5, 0.5, 0.0, 2.0]
+    assert "math: wrong answer" in out[1].reason and "format" in out[2].reason
+    metrics = scorer.metrics()
+    assert metrics["reward/math/mean"] == 0.5 and metrics["reward/samples"] == 4.0
+    assert metrics["reward/errors"] == 0.0 and metrics["reward/timeouts"] == 0.0
+
+
+def test_errors_become_zero_and_are_counted() -> None:
+    scorer = RewardScorer([RewardSpec(f"{__name__}:raises_on_marker")])
+    out = scorer.score(_inputs("ok", "BOOM", "ok"))
+    assert [r.score for r in out] == [0.5, 0.0, 0.5]
+    assert "error KeyError" in out[1].reason
+    metrics = scorer.metrics()
+    assert metrics["reward/errors"] == 1.0 and metrics[f"reward/{__name__}:raises_on_marker/errors"] == 1.0
+    assert scorer.metrics()["reward/errors"] == 0.0  # counts reset on each call
+
+
+def test_timeout_gives_zero_without_losing_other_samples() -> None:
+    scorer = RewardScorer([RewardSpec(f"{__name__}:slow_on_marker")], timeout_s=0.5, max_workers=2)
+    start = time.monotonic()
+    out = scorer.score(_inputs("SLOW", "SLOW", "fast", "SLOW", "fast"))
+    elapsed = time.monotonic() - start
+    assert [r.score for r in out] == [0.0, 0.0, 1.0, 0.0, 1.0]
+    assert "timeout" in out[0].reason
+    assert elapsed < 3.0  # stuck workers are replaced, not waited for
+    assert scorer.metrics()["reward/timeouts"] == 3.0
+    assert [r.score for r in scorer.score(_inputs("fast"))] == [1.0]  # the pool still works
+
+
+def test_strict_mode_names_reward_and_sample() -> None:
+    scorer = RewardScorer([RewardSpec(f"{__name__}:raises_on_marker")], strict=True)
+    with pytest.raises(RewardError, match=r"raises_on_marker' failed on sample 1"):
+        scorer.score(_inputs("ok", "BOOM"))
+    slow = RewardScorer([RewardSpec(f"{__name__}:slow_on_marker")], timeout_s=0.2, strict=True)
+    with pytest.raises(RewardError, match="timed out after 0.2s on sample 0"):
+        slow.score(_inputs("SLOW"))
+
+
+def test_penalty_range_and_malformed_metadata() -> None:
+    scorer = RewardScorer(
+        [RewardSpec("math"), RewardSpec("overlong", 1.0, {"max_len": 100, "cache_len": 20})]
+    )
+    inputs = [
+        RewardInput("q", "\\boxed{4}", "4", {"response_length": 50}),
+        RewardInput("q", "\\boxed{4}", "4", {"response_length": 90}),
+        RewardInput("q", "\\boxed{4}", "4", {}),
+    ]
+    out = scorer.score(inputs)
+    assert [r.score for r in out] == [1.0, 0.5, 1.0]
+    assert "response_length" in out[2].reason and scorer.metrics()["reward/overlong/errors"] == 1.0
+
+
+def test_empty_specs_and_unknown_reward_fail_at_construction() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        RewardScorer([])
+    with pytest.raises(ValueError, match="unknown reward 'nope'"):
+        RewardScorer([RewardSpec("nope")])

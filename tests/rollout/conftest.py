@@ -1,0 +1,85 @@
+"""Tiny random-init models and a learner-side log-prob recompute for the rollout tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+VOCAB = 64
+
+
+def make_minimax(seed: int = 0) -> torch.nn.Module:
+    """The hybrid MiniMax architecture: lightning (linear) and softmax attention layers, 4 experts top-2."""
+    from transformers import MiniMaxConfig, MiniMaxForCausalLM
+
+    torch.manual_seed(seed)
+    config = MiniMaxConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+        max_position_embeddings=512,
+        block_size=16,
+    )
+    return MiniMaxForCausalLM(config).eval()
+
+
+def make_dense(seed: int = 0) -> torch.nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    return Qwen2ForCausalLM(config).eval()
+
+
+@torch.no_grad()
+def learner_logprobs(
+    model: torch.nn.Module,
+    prompt: list[int],
+    response: list[int],
+    temperature: float = 1.0,
+    device: str = "cpu",
+) -> torch.Tensor:
+    """What a learner computes: one full forward over prompt+response, fp32 log_softmax, no cache."""
+    ids = torch.tensor([prompt + response], device=device)
+    logits = model(input_ids=ids).logits[0].float() / temperature
+    logprobs = torch.log_softmax(logits, dim=-1)[len(prompt) - 1 : -1]
+    return logprobs.gather(-1, torch.tensor(response, device=device)[:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def greedy_full_forward(model: torch.nn.Module, prompt: list[int], num_tokens: int) -> list[int]:
+    """Greedy decoding with a full forward per token (no cache): the learner's view of its own weights."""
+    ids = list(prompt)
+    for _ in range(num_tokens):
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        ids.append(int(logits.argmax()))
+    return ids[len(prompt) :]
+
+
+@pytest.fixture(scope="session")
+def dense_model() -> torch.nn.Module:
+    return make_dense()
+
+
+@pytest.fixture(scope="session")
+def minimax_model() -> torch.nn.Module:
+    return make_minimax()

@@ -1,0 +1,92 @@
+import copy
+
+import pytest
+import torch
+
+from cispo.batching import build_train_batch, split_minibatches, token_budget_chunks
+from cispo.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from cispo.learner import build_learner
+from cispo.policy import build_policy, load_tokenizer
+from cispo.types import Sample
+
+
+def tiny_model():
+    tok = load_tokenizer("builtin:char")
+    return build_policy(
+        ModelConfig(arch={"hidden_size": 32, "intermediate_size": 32, "head_dim": 8}), tok
+    ), tok
+
+
+def make_samples(tok, n=6):
+    gen = torch.Generator().manual_seed(0)
+    samples = []
+    for i in range(n):
+        prompt = tok(f"{10 + i}+{20 + i}=")["input_ids"]
+        length = 1 + i % 3
+        response = torch.randint(4, 20, (length,), generator=gen).tolist()
+        old = (-torch.rand(length, generator=gen) * 3).tolist()
+        samples.append(
+            Sample(
+                group_index=i // 3,
+                prompt_ids=prompt,
+                response_ids=response,
+                behaviour_logprobs=old,
+                finish_reason="eos",
+                policy_version=0,
+            )
+        )
+    return samples
+
+
+def test_build_train_batch_layout():
+    _, tok = tiny_model()
+    samples = make_samples(tok, 3)
+    batch = build_train_batch(samples, torch.tensor([1.0, -1.0, 0.5]), pad_token_id=0)
+    p = len(samples[1].prompt_ids)
+    assert batch.response_mask[1].tolist()[p : p + 2] == [1.0, 1.0]
+    assert batch.response_mask[1].sum() == 2 and batch.attention_mask[1].sum() == p + 2
+    assert batch.old_logprobs[1, p : p + 2].tolist() == pytest.approx(samples[1].behaviour_logprobs)
+    assert batch.group_ids.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("normalizer", ["token", "group", "sample"])
+def test_micro_batching_gives_the_full_batch_update(normalizer):
+    model, tok = tiny_model()
+    batch = build_train_batch(make_samples(tok), torch.tensor([1.0, -0.5, 0.3, -1.0, 2.0, 0.1]), 0)
+    algo = AlgorithmConfig(normalizer=normalizer)
+    updated = []
+    for budget in (10_000, 9):  # one micro-batch vs one row each
+        m = copy.deepcopy(model)
+        learner = build_learner(
+            "torch",
+            model=m,
+            cfg=LearnerConfig(lr=1e-2, micro_batch_tokens=budget, warmup_steps=0),
+            algorithm=algo,
+        )
+        metrics = learner.train_step(batch)
+        updated.append((m.state_dict(), metrics))
+    assert len(token_budget_chunks(batch, 9)) == 6
+    for key, value in updated[0][0].items():
+        torch.testing.assert_close(updated[1][0][key], value, atol=2e-6, rtol=1e-4)
+    assert updated[0][1]["loss"] == pytest.approx(updated[1][1]["loss"], abs=1e-5)
+    assert updated[0][1]["entropy"] == pytest.approx(updated[1][1]["entropy"], rel=1e-4)
+
+
+def test_optimizer_is_the_reports_adamw():
+    model, _ = tiny_model()
+    learner = build_learner("torch", model=model, cfg=LearnerConfig(), algorithm=AlgorithmConfig())
+    group = learner.optimizer.param_groups[0]
+    assert group["betas"] == (0.9, 0.95) and group["eps"] == 1e-15
+
+
+def test_minibatches_partition_the_batch():
+    _, tok = tiny_model()
+    batch = build_train_batch(make_samples(tok), torch.zeros(6), 0)
+    parts = split_minibatches(batch, 4, torch.Generator().manual_seed(0))
+    assert sorted(len(p) for p in parts) == [1, 1, 2, 2]
+    assert sum(p.num_response_tokens() for p in parts) == batch.num_response_tokens()
+
+
+def test_unknown_backend_is_named():
+    with pytest.raises(ValueError, match="unknown learner backend 'jax'"):
+        build_learner("jax")
