@@ -197,9 +197,8 @@ def main() -> None:
 
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     torch.set_num_threads(2)
-    batches, new_tokens, reps, sizes = (
-        ([8, 64], 32, 1, [50]) if args.quick else ([8, 32, 64], 128, 2, [50, 500])
-    )
+    batches, sizes = [8, 32, 64], [50, 500]
+    new_tokens, reps = (32, 1) if args.quick else (128, 2)
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray_bench_"))
     throughput = [row for d in args.dtypes.split(",") for row in bench_dtype(d, batches, new_tokens, reps)]

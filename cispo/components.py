@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ class Run:
     advantage_fn: AdvantageFn
     full_reward: float
     info: dict[str, float]
+    # With one-step pipelining a rollout runs in a background thread; eval must not interleave with it.
+    rollout_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     def sampling(self, greedy: bool = False) -> SamplingParams:
         r = self.cfg.rollout
@@ -78,8 +81,9 @@ class Run:
         """Held-out accuracy: the fraction of greedy responses that earn the full reward."""
         if not self.eval_set:
             return float("nan")
-        samples = self.rollout.generate(self.eval_set, self.sampling(greedy=True))
-        self.score(samples)
+        with self.rollout_lock:
+            samples = self.rollout.generate(self.eval_set, self.sampling(greedy=True))
+            self.score(samples)
         return sum(s.reward >= self.full_reward - 1e-6 for s in samples) / len(samples)
 
     def close(self) -> None:

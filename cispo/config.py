@@ -183,6 +183,7 @@ class LearnerConfig:
     num_threads: int = 2
     router_aux_loss_coef: float = 0.0
     routing_replay: bool = False
+    packing: bool = False  # dense models only: the hybrid MiniMax's linear attention cannot be packed
     # deepspeed backend
     zero_stage: int = 2
     offload_optimizer: bool = False

@@ -6,6 +6,7 @@ lacks a field fails at load time with its index and the field's name, before any
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from typing import Any
@@ -16,14 +17,19 @@ from cispo.config import DataConfig
 from cispo.types import PromptGroup
 
 
+def is_held_out(a: int, b: int) -> bool:
+    """About 1 pair in 10 is held out, chosen by a hash so that no digit pattern is missing from training."""
+    return hashlib.sha256(f"{a}+{b}".encode()).digest()[0] < 26
+
+
 def _addition_rows(n: int, split: str, seed: int, digits: int = 2) -> list[dict[str, str]]:
-    """a+b= with two fixed-width operands; every 10th pair (by value) is held out for eval."""
+    """a+b= with two fixed-width operands; eval pairs never occur in the train split."""
     lo, hi = 10 ** (digits - 1), 10**digits - 1
     rng = random.Random(f"{seed}-{split}")
     rows = []
     while len(rows) < n:
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-        if ((a * 1000 + b) % 10 == 0) != (split == "eval"):
+        if is_held_out(a, b) != (split == "eval"):
             continue
         rows.append({"prompt": f"{a}+{b}=", "answer": str(a + b), "metadata": "{}"})
     return rows

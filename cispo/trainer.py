@@ -7,7 +7,7 @@ prompt groups -> rollout -> rewards -> group advantages -> K off-policy minibatc
 from __future__ import annotations
 
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,15 +27,15 @@ def collect_rollouts(run: Run) -> tuple[list[Sample], dict[str, float]]:
     algo, wanted = run.cfg.algorithm, run.cfg.data.prompts_per_step
     start, kept, seen = time.perf_counter(), [], []
     for round_index in range(algo.dynamic_sampling_rounds + 1):
-        samples = run.rollout.generate(
-            run.stream.next_groups(wanted - len(kept) // algo.group_size), run.sampling()
-        )
-        run.score(samples)
+        with run.rollout_lock:
+            groups = run.stream.next_groups(wanted - len(kept) // algo.group_size)
+            samples = run.rollout.generate(groups, run.sampling())
+            run.score(samples)
         seen.extend(samples)
-        groups = [samples[i : i + algo.group_size] for i in range(0, len(samples), algo.group_size)]
         last_round = round_index == algo.dynamic_sampling_rounds
-        for group in groups:
-            if last_round or len({s.reward for s in group}) > 1 or not algo.dynamic_sampling_rounds:
+        for i in range(0, len(samples), algo.group_size):
+            group = samples[i : i + algo.group_size]
+            if last_round or len({s.reward for s in group}) > 1:
                 kept.extend(group)
         if len(kept) >= wanted * algo.group_size:
             break
@@ -111,83 +111,111 @@ def _corr(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.corrcoef(torch.stack([a.double(), b.double()]))[0, 1].item()
 
 
+TRAIN_KEYS = (
+    "cispo/loss",
+    "cispo/clip_frac",
+    "cispo/is_weight_mean",
+    "entropy",
+    "train_infer/logprob_corr",
+    "time/train_s",
+    "time/weight_sync_s",
+)
+
+
+class Loop:
+    """The loop's own state, all of it checkpointed: step, last eval, the minibatch shuffling RNG."""
+
+    def __init__(self, seed: int) -> None:
+        self.step, self.last_eval = 0, float("nan")
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def state(self, run: Run) -> dict:
+        return {
+            "data": run.stream.state_dict(),
+            "curriculum": run.curriculum.state_dict(),
+            "last_eval": self.last_eval,
+            "minibatch_rng": self.generator.get_state(),
+        }
+
+    def restore(self, run: Run, checkpoint: Path) -> None:
+        state = load_checkpoint(checkpoint, run.learner)
+        self.step, self.last_eval = state["step"], state["last_eval"]
+        self.generator.set_state(state["minibatch_rng"])
+        run.stream.load_state_dict(state["data"])
+        run.curriculum.load_state_dict(state["curriculum"])
+        run.rollout.update_weights(run.learner.state_dict_for_sync(), run.learner.version)
+        run.tracker.print(f"resumed from {checkpoint} at step {self.step}")
+
+
+def learn(run: Run, samples: list[Sample], loop: Loop) -> dict[str, float]:
+    """Group advantages -> K minibatch updates -> new weights to the rollout engines."""
+    batch, metrics = make_train_batch(run, samples)
+    metrics.update(dict.fromkeys(TRAIN_KEYS, float("nan")))  # logged as null when no group had signal
+    if batch is not None:
+        metrics.update(update_policy(run, batch, loop.generator))
+        weights = run.learner.state_dict_for_sync()
+        metrics["time/weight_sync_s"] = run.rollout.update_weights(weights, run.learner.version)
+    return metrics
+
+
+def finish_step(run: Run, loop: Loop, samples: list[Sample], metrics: dict[str, float], tick: float) -> None:
+    """Eval, curriculum, logging and checkpoint for one step."""
+    cfg, step = run.cfg, loop.step
+    if cfg.experiment.eval_every and step % cfg.experiment.eval_every == 0:
+        loop.last_eval, metrics["eval/ran"] = run.evaluate(), 1
+    if run.curriculum.observe(metrics["response_length/p99"]):
+        run.tracker.print(f"curriculum: step {step}, generation budget now {run.curriculum.budget}")
+    elapsed = time.perf_counter() - tick
+    metrics.update(
+        {
+            "eval/accuracy": loop.last_eval,
+            "curriculum/budget": run.curriculum.budget,
+            "policy/version": run.learner.version,
+            "time/step_s": elapsed,
+            "throughput/tokens_per_s": metrics["rollout/new_tokens"] / elapsed,
+        }
+    )
+    run.tracker.log(step, metrics)
+    if step % cfg.logging.table_every == 0 or step == 1:
+        run.tracker.log_samples(step, _table_rows(samples, cfg.logging.table_samples))
+    if cfg.experiment.checkpoint_every and step % cfg.experiment.checkpoint_every == 0:
+        save_checkpoint(run.run_dir, step, run.learner, loop.state(run), cfg.experiment.keep_checkpoints)
+
+
 def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     resume_from = find_resume_point(run_dir, cfg.resume)
     run = build_run(cfg, run_dir, resumed=resume_from is not None)
-    step, last_eval, generator = 0, float("nan"), torch.Generator().manual_seed(cfg.experiment.seed)
+    loop = Loop(cfg.experiment.seed)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, run.learner)
-        step, last_eval = state["step"], state["last_eval"]
-        run.stream.load_state_dict(state["data"])
-        run.curriculum.load_state_dict(state["curriculum"])
-        generator.set_state(state["minibatch_rng"])
-        run.rollout.update_weights(run.learner.state_dict_for_sync(), run.learner.version)
-        run.tracker.print(f"resumed from {resume_from} at step {step}")
-    started, pool = time.perf_counter(), ThreadPoolExecutor(max_workers=1)
-    pending: Future | None = None
+        loop.restore(run, resume_from)
+    started, pool, pending = time.perf_counter(), ThreadPoolExecutor(max_workers=1), None
     try:
-        if step == 0 and cfg.experiment.eval_every:
-            last_eval = run.evaluate()
-            run.tracker.log(0, {"eval/accuracy": last_eval, "eval/ran": 1, **run.info})
-        while step < cfg.experiment.total_steps:
-            step += 1
+        if loop.step == 0 and cfg.experiment.eval_every:
+            loop.last_eval = run.evaluate()
+            run.tracker.log(0, {"eval/accuracy": loop.last_eval, "eval/ran": 1, **run.info})
+        while loop.step < cfg.experiment.total_steps:
+            loop.step += 1
             tick = time.perf_counter()
             samples, metrics = pending.result() if pending else collect_rollouts(run)
-            # One-step-off-policy: the next rollout runs on the workers while this batch trains.
+            # One step off-policy: the next rollout runs on the workers while this batch trains.
             pending = pool.submit(collect_rollouts, run) if cfg.algorithm.pipeline_one_step else None
-            batch, adv_metrics = make_train_batch(run, samples)
-            metrics.update(adv_metrics)
-            if batch is not None:
-                metrics.update(update_policy(run, batch, generator))
-                metrics["time/weight_sync_s"] = run.rollout.update_weights(
-                    run.learner.state_dict_for_sync(), run.learner.version
-                )
-            if cfg.experiment.eval_every and step % cfg.experiment.eval_every == 0:
-                last_eval, metrics["eval/ran"] = run.evaluate(), 1
-            if run.curriculum.observe(metrics["response_length/p99"]):
-                run.tracker.print(f"curriculum: step {step}, generation budget now {run.curriculum.budget}")
-            elapsed = time.perf_counter() - tick
-            metrics.update(
-                {
-                    "eval/accuracy": last_eval,
-                    "curriculum/budget": run.curriculum.budget,
-                    "policy/version": run.learner.version,
-                    "time/step_s": elapsed,
-                    "throughput/tokens_per_s": metrics["rollout/new_tokens"] / elapsed,
-                }
-            )
-            run.tracker.log(step, metrics)
-            if step % cfg.logging.table_every == 0 or step == 1:
-                run.tracker.log_samples(step, _table_rows(samples, cfg.logging.table_samples))
-            if cfg.experiment.checkpoint_every and step % cfg.experiment.checkpoint_every == 0:
-                save_checkpoint(
-                    run_dir,
-                    step,
-                    run.learner,
-                    {
-                        "data": run.stream.state_dict(),
-                        "curriculum": run.curriculum.state_dict(),
-                        "last_eval": last_eval,
-                        "minibatch_rng": generator.get_state(),
-                    },
-                    cfg.experiment.keep_checkpoints,
-                )
+            metrics.update(learn(run, samples, loop))
+            finish_step(run, loop, samples, metrics, tick)
             if cfg.experiment.max_time_s and time.perf_counter() - started > cfg.experiment.max_time_s:
-                run.tracker.print(f"stopping at step {step}: experiment.max_time_s reached")
+                run.tracker.print(f"stopping at step {loop.step}: experiment.max_time_s reached")
                 break
-        final = run.evaluate() if cfg.experiment.eval_every else last_eval
-        if final == final:
-            run.tracker.log(step, {"eval/accuracy": final, "eval/ran": 1, "eval/final": 1})
-    finally:
         if pending is not None:
-            pending.cancel()
+            pending.result()  # let the in-flight rollout finish before the workers go away
+        final = run.evaluate() if cfg.experiment.eval_every else loop.last_eval
+        run.tracker.log(loop.step, {"eval/accuracy": final, "eval/ran": 1, "eval/final": 1})
+    finally:
         pool.shutdown(wait=True)
         run.close()
     if cfg.logging.plot:
         plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png")
     return {
         "final_eval_accuracy": final,
-        "steps": float(step),
+        "steps": float(loop.step),
         "seconds": time.perf_counter() - started,
         **run.info,
     }

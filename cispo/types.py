@@ -21,9 +21,9 @@ class SamplingParams:
     """How an engine samples. Log-probs are always those of the distribution actually sampled from.
 
     temperature / top_p / top_k change that distribution: the behaviour log-prob of a token is taken after
-    temperature scaling and after truncation renormalises the kept tokens, so a truncated token set makes
-    the importance ratio exp(logp_learner - logp_behaviour) > 1 on average for kept tokens unless the
-    learner applies the same truncation. The defaults (temperature 1, no truncation) keep the two equal.
+    temperature scaling and after truncation renormalises the kept tokens (pi' = pi / Z, Z the kept mass),
+    so a learner that does not truncate sees r = Z * pi_new / pi_old, biased below 1. The defaults
+    (temperature 1, no truncation) keep the two distributions equal.
     """
 
     max_new_tokens: int = 256

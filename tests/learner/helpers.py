@@ -21,9 +21,16 @@ def tiny_dense(seed: int = 0, vocab: int = 100):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    config = Qwen2Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=False)
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
     return Qwen2ForCausalLM(config)
 
 
@@ -34,10 +41,14 @@ def make_batch(tok, n: int = 8, seed: int = 0) -> TrainBatch:
     for i in range(n):
         prompt = tok(f"{10 + i}+{20 + 3 * i}=")["input_ids"]
         length = 2 + (i * 5) % 6
-        samples.append(Sample(
-            group_index=i % 2, prompt_ids=prompt,
-            response_ids=torch.randint(4, 20, (length,), generator=gen).tolist(),
-            behaviour_logprobs=(-0.5 - torch.rand(length, generator=gen) * 3).tolist(),
-            finish_reason="eos", policy_version=0,
-        ))
+        samples.append(
+            Sample(
+                group_index=i % 2,
+                prompt_ids=prompt,
+                response_ids=torch.randint(4, 20, (length,), generator=gen).tolist(),
+                behaviour_logprobs=(-0.5 - torch.rand(length, generator=gen) * 3).tolist(),
+                finish_reason="eos",
+                policy_version=0,
+            )
+        )
     return build_train_batch(samples, torch.randn(n, generator=gen), pad_token_id=0)

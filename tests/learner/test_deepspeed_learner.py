@@ -31,8 +31,9 @@ LOGPROB_ATOL = 1e-5
 def learner_cfg(stage: int) -> LearnerConfig:
     # 18 tokens per micro-batch: every rank runs several micro-batches, and the plan pads one rank with
     # a zero-weight dummy (asserted below), so the accumulation and padding paths are both exercised.
-    return LearnerConfig(lr=1e-2, warmup_steps=0, num_threads=1, zero_stage=stage, num_ranks=2,
-                         micro_batch_tokens=18)
+    return LearnerConfig(
+        lr=1e-2, warmup_steps=0, num_threads=1, zero_stage=stage, num_ranks=2, micro_batch_tokens=18
+    )
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +44,14 @@ def reference():
     single = copy.deepcopy(model)
     learner = build_learner("torch", model=single, cfg=learner_cfg(2), algorithm=algorithm)
     metrics = learner.train_step(batch, return_logprobs=True)
-    return {"model": model, "batch": batch, "algorithm": algorithm, "metrics": metrics,
-            "state": single.state_dict(), "after": learner.compute_logprobs(batch)}
+    return {
+        "model": model,
+        "batch": batch,
+        "algorithm": algorithm,
+        "metrics": metrics,
+        "state": single.state_dict(),
+        "after": learner.compute_logprobs(batch),
+    }
 
 
 @pytest.mark.timeout(300)
@@ -54,7 +61,9 @@ def test_two_ranks_make_the_single_process_update(reference, stage):
     plan = plan_micro_batches(batch, 2, 18)
     assert len(plan[0]) >= 2 and any(rows is None for p in plan for rows in p)
     learner = build_learner(
-        "deepspeed", model=copy.deepcopy(reference["model"]), cfg=learner_cfg(stage),
+        "deepspeed",
+        model=copy.deepcopy(reference["model"]),
+        cfg=learner_cfg(stage),
         algorithm=reference["algorithm"],
         # Partition every parameter, however small (the default keeps tensors < 1e5 elements whole,
         # which would leave this tiny model unsharded and the ZeRO-3 gather paths untested).
@@ -74,7 +83,9 @@ def test_two_ranks_make_the_single_process_update(reference, stage):
         assert list(state) == list(reference["state"])
         for name, value in reference["state"].items():
             torch.testing.assert_close(state[name], value, atol=WEIGHT_ATOL, rtol=0, msg=name)
-        torch.testing.assert_close(learner.compute_logprobs(batch), reference["after"], atol=LOGPROB_ATOL, rtol=0)
+        torch.testing.assert_close(
+            learner.compute_logprobs(batch), reference["after"], atol=LOGPROB_ATOL, rtol=0
+        )
         assert learner.version == 1
     finally:
         learner.close()
@@ -86,8 +97,14 @@ def test_minimax_built_inside_zero_init_is_broken(reference):
     inside zero.Init, MiniMax either fails to construct (transformers 5 indexes a partitioned, empty
     embedding) or comes out with uninitialised router/expert weights (NaN or garbage loss)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29733", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "tests.learner.zero_init_probe"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.learner.zero_init_probe"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     if result["built"]:
         # initializer_range is 0.02; an uninitialised tensor is zeros, NaN or arbitrary memory.

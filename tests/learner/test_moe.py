@@ -19,7 +19,9 @@ def engine_rollout(model, tok, steps: int = 5):
     with torch.no_grad():
         for router in find_routers(engine):
             router.weight.add_(torch.randn(router.weight.shape, generator=gen) * router.weight.std())
-    prompts = torch.tensor([tok("12+34=")["input_ids"], tok("56+78=")["input_ids"], tok("90+11=")["input_ids"]])
+    prompts = torch.tensor(
+        [tok("12+34=")["input_ids"], tok("56+78=")["input_ids"], tok("90+11=")["input_ids"]]
+    )
     with RoutingRecorder(engine) as recorder:
         ids = engine.generate(prompts, max_new_tokens=steps, do_sample=False, pad_token_id=tok.pad_token_id)
     routed = recorder.routed_experts(batch_size=ids.shape[0])
@@ -64,7 +66,11 @@ def test_replaying_the_models_own_choice_changes_nothing():
 def test_learner_replays_routing_from_the_batch():
     model, tok = tiny_minimax()
     batch = make_batch(tok, 4)
-    routed = torch.randint(0, 4, (*batch.input_ids.shape, len(find_routers(model)), 1)).expand(-1, -1, -1, 2).clone()
+    routed = (
+        torch.randint(0, 4, (*batch.input_ids.shape, len(find_routers(model)), 1))
+        .expand(-1, -1, -1, 2)
+        .clone()
+    )
     routed[..., 1] = (routed[..., 0] + 1) % 4  # two distinct experts per token
     batch.routed_experts = routed
     logprobs = {}
@@ -87,8 +93,9 @@ def test_router_aux_loss_is_transformers_load_balancing_loss():
     results = {}
     for coef in (0.0, 0.5):
         cfg = LearnerConfig(router_aux_loss_coef=coef, num_threads=1, warmup_steps=0)
-        results[coef] = build_learner("torch", model=copy.deepcopy(model), cfg=cfg,
-                                      algorithm=AlgorithmConfig()).train_step(batch)
+        results[coef] = build_learner(
+            "torch", model=copy.deepcopy(model), cfg=cfg, algorithm=AlgorithmConfig()
+        ).train_step(batch)
     assert results[0.5]["router_aux_loss"] == pytest.approx(expected, rel=1e-5)
     assert expected > 1.0  # num_experts * sum f_e P_e >= 1, equality only for perfectly balanced routing
     assert results[0.5]["loss"] - results[0.0]["loss"] == pytest.approx(0.5 * expected, rel=1e-5)

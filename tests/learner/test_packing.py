@@ -14,8 +14,12 @@ def per_row_logprobs(model, batch):
     """Each row alone, unpadded: the ground truth packing must reproduce."""
     out = torch.zeros_like(batch.old_logprobs)
     for b, n in enumerate(batch.attention_mask.sum(1).tolist()):
-        lp, _ = sequence_logprobs(model, batch.input_ids[b : b + 1, :n], batch.attention_mask[b : b + 1, :n],
-                                  batch.response_mask[b : b + 1, :n])
+        lp, _ = sequence_logprobs(
+            model,
+            batch.input_ids[b : b + 1, :n],
+            batch.attention_mask[b : b + 1, :n],
+            batch.response_mask[b : b + 1, :n],
+        )
         out[b, :n] = lp[0]
     return out
 
@@ -68,7 +72,9 @@ def test_minimax_refuses_packing_because_lightning_state_leaks():
     # Why: forced through anyway, rows after the first read the previous rows' lightning state.
     packed = pack_rows(batch)
     hidden = model.model(input_ids=packed.input_ids, position_ids=packed.position_ids).last_hidden_state[0]
-    alone = model.model(input_ids=batch.input_ids[1:2, : int(batch.attention_mask[1].sum())]).last_hidden_state[0]
+    alone = model.model(
+        input_ids=batch.input_ids[1:2, : int(batch.attention_mask[1].sum())]
+    ).last_hidden_state[0]
     start = int(batch.attention_mask[0].sum())
     leak = (hidden[start : start + alone.shape[0]] - alone).abs().max().item()
     assert leak > 1e-2

@@ -21,7 +21,9 @@ def main() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="gloo")
     try:
-        with deepspeed.zero.Init(config_dict_or_path={"train_batch_size": 1, "zero_optimization": {"stage": 3}}):
+        with deepspeed.zero.Init(
+            config_dict_or_path={"train_batch_size": 1, "zero_optimization": {"stage": 3}}
+        ):
             model, tok = tiny_minimax()
     except Exception as err:  # the construction itself may break on partitioned (empty) parameters
         print(json.dumps({"built": False, "error": f"{type(err).__name__}: {err}"}))
@@ -30,8 +32,12 @@ def main() -> None:
     with deepspeed.zero.GatheredParameters(list(model.parameters())), torch.no_grad():
         router = model.model.layers[0].mlp.gate.weight
         experts = model.model.layers[0].mlp.experts.gate_up_proj
-        result = {"built": True, "loss": float(model(input_ids=ids, labels=ids).loss),
-                  "router_std": float(router.float().std()), "experts_std": float(experts.float().std())}
+        result = {
+            "built": True,
+            "loss": float(model(input_ids=ids, labels=ids).loss),
+            "router_std": float(router.float().std()),
+            "experts_std": float(experts.float().std()),
+        }
     print(json.dumps(result))
 
 
