@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from cispo.moe import NO_CHOICE
 from cispo.types import Sample, TrainBatch
 
 
@@ -32,7 +33,25 @@ def build_train_batch(samples: list[Sample], advantages: torch.Tensor, pad_token
         old_logprobs=old_logprobs,
         advantages=advantages.to(torch.float32),
         group_ids=torch.tensor([s.group_index for s in samples], dtype=torch.long),
+        routed_experts=_routed_experts(samples, length),
     )
+
+
+def _routed_experts(samples: list[Sample], length: int) -> torch.Tensor | None:
+    """[B, L, n_moe_layers, top_k] int64 aligned with input_ids, NO_CHOICE (-1) on padding; None unless every
+    sample carries routing (a partial replay would silently mix replayed and free routing in one batch)."""
+    if not samples or any(s.routed_experts is None for s in samples):
+        return None
+    shape = samples[0].routed_experts.shape[1:]
+    routed = torch.full((len(samples), length, *shape), NO_CHOICE, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        if sample.routed_experts.shape[1:] != shape:
+            raise ValueError(
+                f"routed_experts of row {row} is {tuple(sample.routed_experts.shape)}; "
+                f"row 0 has [*, {', '.join(map(str, shape))}]"
+            )
+        routed[row, : sample.routed_experts.shape[0]] = sample.routed_experts.to(torch.long)
+    return routed
 
 
 def split_minibatches(

@@ -110,7 +110,7 @@ def _start_ray(cfg: TrainConfig, run_dir: Path) -> None:
 
 
 def _engine_kwargs(cfg: TrainConfig, model_dir: Path, threads: int) -> dict[str, Any]:
-    return {
+    kwargs: dict[str, Any] = {
         "model_path": str(model_dir),
         "dtype": cfg.rollout.dtype,
         "max_batch_size": cfg.rollout.max_batch_size,
@@ -118,6 +118,12 @@ def _engine_kwargs(cfg: TrainConfig, model_dir: Path, threads: int) -> dict[str,
         "seed": cfg.experiment.seed,
         "device": "cuda" if cfg.rollout.num_gpus_per_worker > 0 else "cpu",
     }
+    # Routing replay needs the experts chosen at rollout; only the hf engine records them (the samples
+    # then carry them into TrainBatch.routed_experts, which the learner replays). Other engines would
+    # reject the kwarg, and without recorded routing the learner's routers simply choose for themselves.
+    if cfg.rollout.engine == "hf":
+        kwargs["record_routing"] = cfg.learner.routing_replay
+    return kwargs
 
 
 def _warm_start(

@@ -51,11 +51,14 @@ class RoutingRecorder:
         routed = rec.routed_experts()   # [B, T_fed, n_moe_layers, top_k]
 
     T_fed counts the positions that went through the model: the prompt and every sampled token but the
-    last. Batch rows must stay in place during the recording (no beam reordering).
+    last. Batch rows must stay in place during the recording (no beam reordering). `dtype` is the type the
+    indices are kept in (on the model's device) and returned in: a compact one (routing_dtype) keeps a long
+    recording small.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.int64) -> None:
         self.routers = find_routers(model)
+        self.dtype = dtype
         if not self.routers:
             raise ValueError(f"{type(model).__name__} has no MoE router to record")
         self._steps: list[list[Tensor]] = [[] for _ in self.routers]
@@ -68,7 +71,8 @@ class RoutingRecorder:
 
     def _make_hook(self, layer: int):
         def hook(_module: nn.Module, _args: tuple, output: tuple) -> None:
-            self._steps[layer].append(output[2].detach().to("cpu", torch.int64))
+            # Kept on the model's device: a per-step copy to the host would sync the GPU every decode step.
+            self._steps[layer].append(output[2].detach().to(self.dtype))
 
         return hook
 
@@ -78,14 +82,24 @@ class RoutingRecorder:
         self._handles.clear()
 
     def routed_experts(self, batch_size: int) -> Tensor:
-        """[B, T_fed, n_moe_layers, top_k]: every recorded forward, concatenated along time (routers see
-        hidden states flattened to [B*T, H], so the batch size is needed to unflatten them)."""
+        """[B, T_fed, n_moe_layers, top_k] on the CPU: every recorded forward, concatenated along time
+        (routers see hidden states flattened to [B*T, H], so the batch size is needed to unflatten them)."""
         per_layer = []
         for steps in self._steps:
             if not steps:
                 raise RuntimeError("no routing was recorded; run the model inside the recorder")
             per_layer.append(torch.cat([s.reshape(batch_size, -1, s.shape[-1]) for s in steps], dim=1))
-        return torch.stack(per_layer, dim=2)
+        return torch.stack(per_layer, dim=2).cpu()
+
+
+def routing_dtype(num_experts: int) -> torch.dtype:
+    """The smallest signed integer type holding expert indices and NO_CHOICE: routed experts travel from
+    rollout workers to the driver per sample ([P + R, n_moe_layers, top_k]), so 1-2 bytes a choice
+    instead of int64's 8 keeps the Ray payload small."""
+    for dtype in (torch.int8, torch.int16):
+        if num_experts <= torch.iinfo(dtype).max:
+            return dtype
+    return torch.int32
 
 
 def _replayed_forward(router: nn.Module, given: Tensor):

@@ -61,8 +61,10 @@ class Generation:
     logprobs: list[float]  # behaviour log-prob of each response token, same length as response_ids
     finish_reason: str  # one of FINISH_REASONS
     policy_version: int
-    # expert indices chosen per response token and MoE layer, [T, n_moe_layers, top_k], when recorded
-    routed_experts: list[list[list[int]]] | None = None
+    # Expert indices chosen at every position (prompt then response) and MoE layer, when recorded:
+    # [P + R, n_moe_layers, top_k], a compact int8/int16 CPU tensor (small through Ray), NO_CHOICE (-1)
+    # for the final response token, which is never fed back into the model.
+    routed_experts: torch.Tensor | None = None
 
 
 @dataclass
@@ -93,13 +95,22 @@ class Sample:
     metadata: dict[str, Any] = field(default_factory=dict)
     reward: float = 0.0
     reward_reason: str = ""
-    routed_experts: list[list[list[int]]] | None = None
+    # The engine's Generation.routed_experts: [P + R, n_moe_layers, top_k] compact int tensor, or None.
+    routed_experts: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if len(self.response_ids) != len(self.behaviour_logprobs):
             raise ValueError(
                 f"sample of group {self.group_index}: {len(self.response_ids)} response tokens but "
                 f"{len(self.behaviour_logprobs)} behaviour log-probs"
+            )
+        positions = len(self.prompt_ids) + len(self.response_ids)
+        if self.routed_experts is not None and (
+            self.routed_experts.dim() != 3 or self.routed_experts.shape[0] != positions
+        ):
+            raise ValueError(
+                f"sample of group {self.group_index}: routed_experts has shape "
+                f"{tuple(self.routed_experts.shape)}, expected [{positions}, n_moe_layers, top_k]"
             )
 
 

@@ -41,7 +41,7 @@ def cache_key(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> str:
             )
         },
         "seed": seed,
-        "format": 1,
+        "format": 2,  # bump when data generation or this stage's code changes what a key produces
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -103,8 +103,15 @@ def supervised_warmstart(
             accuracy = evaluate(model)
             log(f"warm start: step {step} loss {loss.item():.3f} held-out accuracy {accuracy:.3f}")
     meta = {"accuracy": accuracy, "steps": float(step), "seconds": time.monotonic() - start}
+    log(f"warm start: done in {meta['seconds']:.0f} s, {step} steps, held-out accuracy {accuracy:.3f}")
+    if accuracy < cfg.target_accuracy:
+        # Not cached: a later run should try again rather than silently reuse a weak start.
+        log(
+            f"warning: warm start stopped below its target accuracy {cfg.target_accuracy:.2f}; "
+            "RL from a policy that is never right gets no reward signal"
+        )
+        return {**meta, "cached": 0.0}
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), directory / "weights.pt")
     (directory / "meta.json").write_text(json.dumps(meta))
-    log(f"warm start: done in {meta['seconds']:.0f} s, {step} steps, held-out accuracy {accuracy:.3f}")
     return {**meta, "cached": 0.0}

@@ -8,10 +8,15 @@ Why prompts are bucketed by exact length: transformers' MiniMax (lightning atten
 attention) drifts from a full forward under left padding with a cache; a batch whose prompts all have the
 same length needs no padding at all. Rows that finish early keep decoding a pad token whose output is
 discarded; causal attention means it never influences the live rows.
+
+Why record_routing: with learner.routing_replay an MoE learner replays the experts the engine chose
+(cispo/moe.py). Routers are hooked during the decode loop, so the recorded choices come from exactly the
+forwards that produced the behaviour log-probs (same dtype, same cache), one record per fed position.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import time
@@ -20,6 +25,7 @@ from typing import Any
 
 import torch
 
+from cispo.moe import NO_CHOICE, RoutingRecorder, find_routers, routing_dtype
 from cispo.types import Generation, SamplingParams
 from rollout.engine import register_engine
 from rollout.sampling import process_logits, sample
@@ -70,6 +76,7 @@ class HFEngine:
         num_threads: int | None = None,
         seed: int = 0,
         trust_remote_code: bool = False,
+        record_routing: bool = False,
     ) -> None:
         if (model_path is None) == (model is None):
             raise ValueError("hf engine: pass exactly one of model_path or model")
@@ -92,6 +99,14 @@ class HFEngine:
         # finished rows only decode discarded pad tokens).
         self._done_every = 1 if self.device.type == "cpu" else 8
         self._refresh_head()
+        self.record_routing = record_routing
+        self._routing_dtype = torch.int64
+        if record_routing:
+            routers = find_routers(self.model)
+            if not routers:
+                name = type(self.model).__name__
+                raise ValueError(f"hf engine: record_routing needs an MoE model; {name} has no router")
+            self._routing_dtype = routing_dtype(max(int(r.num_experts) for r in routers))
 
     def _load(self, model_path: str | None, model: torch.nn.Module | None, trust_remote_code: bool) -> Any:
         if model is None:
@@ -121,8 +136,17 @@ class HFEngine:
             logits = torch.tanh(logits / self._softcap) * self._softcap
         return logits
 
-    def _forward(self, input_ids: torch.Tensor, cache: Any) -> tuple[torch.Tensor, Any]:
-        out = self.model.base_model(input_ids=input_ids, use_cache=True, **{self._cache_kwarg: cache})
+    def _forward(self, input_ids: torch.Tensor, cache: Any, past: int) -> tuple[torch.Tensor, Any]:
+        # Explicit positions: models infer them from cache.get_seq_length(), which asks layer 0 — and in
+        # hybrid MiniMax layer 0 is a linear-attention layer that reports 0, so RoPE would restart at 0
+        # on every decode step (silently wrong output once the model has learnt to use positions).
+        positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)
+        out = self.model.base_model(
+            input_ids=input_ids,
+            position_ids=positions.unsqueeze(0).expand(input_ids.shape[0], -1),
+            use_cache=True,
+            **{self._cache_kwarg: cache},
+        )
         new_cache = getattr(out, "cache", None)
         if new_cache is None:
             new_cache = out.past_key_values
@@ -167,26 +191,47 @@ class HFEngine:
         tokens_out: list[torch.Tensor] = []
         logprobs_out: list[torch.Tensor] = []
         step_ids, cache = input_ids, None
-        for step in range(params.max_new_tokens):
-            tick = time.perf_counter()
-            hidden, cache = self._forward(step_ids, cache)
-            tokens, logprobs = sample(process_logits(self.fp32_logits(hidden), params), generator)
-            tokens = torch.where(tracker.finished, pad, tokens)
-            tokens_out.append(tokens)
-            logprobs_out.append(logprobs)
-            done = tracker.update(tokens, logprobs, check_done=step % self._done_every == 0)
-            totals["prefill_s" if step == 0 else "decode_s"] += time.perf_counter() - tick
-            totals["forwards"] += 1
-            if done:
-                break
-            step_ids = tokens[:, None]
+        recorder = RoutingRecorder(self.model, self._routing_dtype) if self.record_routing else None
+        with recorder or contextlib.nullcontext():
+            for step in range(params.max_new_tokens):
+                tick = time.perf_counter()
+                past = 0 if step == 0 else input_ids.shape[1] + step - 1
+                hidden, cache = self._forward(step_ids, cache, past)
+                tokens, logprobs = sample(process_logits(self.fp32_logits(hidden), params), generator)
+                tokens = torch.where(tracker.finished, pad, tokens)
+                tokens_out.append(tokens)
+                logprobs_out.append(logprobs)
+                done = tracker.update(tokens, logprobs, check_done=step % self._done_every == 0)
+                totals["prefill_s" if step == 0 else "decode_s"] += time.perf_counter() - tick
+                totals["forwards"] += 1
+                if done:
+                    break
+                step_ids = tokens[:, None]
         all_tokens = torch.stack(tokens_out, dim=1).tolist()
         all_logprobs = torch.stack(logprobs_out, dim=1).tolist()
         lengths = tracker.num_tokens.tolist()
+        routing = self._row_routing(recorder, input_ids.shape[1], lengths)
         return [
-            Generation(all_tokens[row][:n], all_logprobs[row][:n], reason, self.version)
+            Generation(all_tokens[row][:n], all_logprobs[row][:n], reason, self.version, routing[row])
             for row, (n, reason) in enumerate(zip(lengths, tracker.reasons()))
         ]
+
+    def _row_routing(
+        self, recorder: RoutingRecorder | None, prompt_len: int, lengths: list[int]
+    ) -> list[torch.Tensor | None]:
+        """Per row, [P + n, n_moe_layers, top_k] in the compact dtype: the recorded choices of the prompt
+        and of the n - 1 sampled tokens fed back, then NO_CHOICE for the last one (never fed). Positions
+        fed after a row finished (its discarded pad tokens) are dropped."""
+        if recorder is None:
+            return [None] * len(lengths)
+        fed = recorder.routed_experts(batch_size=len(lengths))
+        rows: list[torch.Tensor | None] = []
+        for row, n in enumerate(lengths):
+            routed = torch.full((prompt_len + n, *fed.shape[2:]), NO_CHOICE, dtype=fed.dtype)
+            # A fresh tensor per row (not a view of `fed`): pickling a view would ship the whole batch.
+            routed[: prompt_len + n - 1] = fed[row, : prompt_len + n - 1]
+            rows.append(routed)
+        return rows
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
         """Copy (possibly a subset of) the learner's weights in place; unknown names are an error."""

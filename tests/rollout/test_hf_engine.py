@@ -42,12 +42,16 @@ def test_temperature_logprobs_match_a_learner_using_the_same_temperature(dense_m
 
 
 def test_minimax_hybrid_behaviour_logprobs_match_learner_recompute(minimax_model):
-    """Lightning + softmax attention, MoE: cached decode vs one full forward; measured max |diff| ~8e-5."""
+    """Lightning + softmax attention, MoE: cached decode vs one full forward; measured max |diff| ~5e-7.
+
+    The bound is tight on purpose: with positions inferred from MiniMax's cache (whose layer 0 is linear
+    attention and reports length 0) RoPE restarted at every decode step and this error was ~8e-5 here,
+    and a trained model's greedy answers came out wrong."""
     engine = build_engine("hf", model=minimax_model, max_batch_size=8)
     gens = engine.generate(PROMPTS, SamplingParams(max_new_tokens=48, eos_token_ids=(0,)))
     error = _max_logprob_error(minimax_model, PROMPTS, gens)
     print(f"minimax max |behaviour - learner| log-prob: {error:.2e}")
-    assert error < 3e-4, f"minimax behaviour log-probs off by {error:.2e}"
+    assert error < 1e-5, f"minimax behaviour log-probs off by {error:.2e}"
 
 
 def test_bf16_engine_uses_an_fp32_head(minimax_model):
@@ -153,7 +157,7 @@ def test_minimax_left_padding_trap_is_avoided(minimax_model):
     gens = engine.generate([short, long], SamplingParams(max_new_tokens=20))
     ours = _max_logprob_error(minimax_model, [short, long], gens)
     print(f"left-padded cached generate drift {drift:.2e}; engine (length buckets) {ours:.2e}")
-    assert ours < 3e-4
+    assert ours < 1e-5
     assert ours < drift  # measured here: drift ~3.4e-3 vs ~5e-5
 
 
