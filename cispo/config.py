@@ -231,7 +231,7 @@ class LoggingConfig:
 @dataclass
 class ExperimentConfig:
     name: str = "addition_tiny_minimax"
-    total_steps: int = 500
+    total_steps: int = 600
     max_time_s: float = 0.0  # 0 = no wall-clock limit
     eval_every: int = 50
     checkpoint_every: int = 100

@@ -65,6 +65,13 @@ def shard_groups(groups: list[PromptGroup], num_shards: int) -> list[list[Prompt
     return [s for s in shards if s]
 
 
+def generation_timings(start: float, samples: list[Sample]) -> dict[str, float]:
+    elapsed = time.perf_counter() - start
+    new_tokens = sum(len(s.response_ids) for s in samples)
+    rate = new_tokens / max(elapsed, 1e-9)
+    return {"generate_s": elapsed, "new_tokens": float(new_tokens), "tokens_per_s": rate}
+
+
 class LocalRolloutManager:
     """The manager interface with the engine in this process: for unit tests, debugging and 1-CPU runs."""
 
@@ -79,14 +86,7 @@ class LocalRolloutManager:
     def generate(self, groups: list[PromptGroup], params: SamplingParams) -> list[Sample]:
         start = time.perf_counter()
         samples = build_samples(groups, self.engine.generate(expand_groups(groups), params))
-        elapsed = time.perf_counter() - start
-        new_tokens = sum(len(s.response_ids) for s in samples)
-        self.last_timings = {
-            "generate_s": elapsed,
-            "new_tokens": float(new_tokens),
-            "tokens_per_s": new_tokens / max(elapsed, 1e-9),
-            "restarts": 0.0,
-        }
+        self.last_timings = {**generation_timings(start, samples), "restarts": 0.0}
         return samples
 
     def update_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> float:
@@ -94,7 +94,7 @@ class LocalRolloutManager:
         self.engine.load_weights(state_dict, version)
         latency = time.perf_counter() - start
         self.last_timings["weight_sync_s"] = latency
-        log.info("weight sync to version %d: %.3f s (in-process)", version, latency)
+        log.debug("weight sync to version %d: %.3f s (in-process)", version, latency)
         return latency
 
     def shutdown(self) -> None:
@@ -187,12 +187,8 @@ class RolloutManager:
     def _record(
         self, start: float, samples: list[Sample], worker: list[dict[str, float]], restarts: int
     ) -> None:
-        elapsed = time.perf_counter() - start
-        new_tokens = sum(len(s.response_ids) for s in samples)
         self.last_timings = {
-            "generate_s": elapsed,
-            "new_tokens": float(new_tokens),
-            "tokens_per_s": new_tokens / max(elapsed, 1e-9),
+            **generation_timings(start, samples),
             "worker_generate_s_max": max((t.get("generate_s", 0.0) for t in worker), default=0.0),
             "restarts": float(restarts),
             "weight_sync_s": self._sync.last_latency_s,
@@ -211,7 +207,7 @@ class RolloutManager:
             latency = self._sync.push(self.workers, state_dict, version)
         self.version = version
         self.last_timings["weight_sync_s"] = latency
-        log.info("weight sync to version %d: %.3f s (%d workers)", version, latency, len(self.workers))
+        log.debug("weight sync to version %d: %.3f s (%d workers)", version, latency, len(self.workers))
         return latency
 
     def _dead_slots(self) -> list[int]:

@@ -23,14 +23,17 @@ REQUIRED_KEYS = [
     "time/rollout_s",
     "time/train_s",
 ]
-SHORT_RUN = [
-    "experiment.total_steps=60",
-    "experiment.eval_every=30",
-    "experiment.checkpoint_every=30",
-    "data.num_eval=128",
-    "logging.wandb=offline",
-    "logging.progress=false",
-]
+
+
+def short_run(steps: int) -> list[str]:
+    return [
+        f"experiment.total_steps={steps}",
+        "experiment.eval_every=50",
+        "experiment.checkpoint_every=50",
+        "data.num_eval=128",
+        "logging.wandb=offline",
+        "logging.progress=false",
+    ]
 
 
 def run_cli(run_dir: Path, *overrides: str, timeout: int = 1200) -> subprocess.CompletedProcess:
@@ -46,11 +49,11 @@ def records(run_dir: Path) -> list[dict]:
 @pytest.mark.slow
 def test_short_default_run_learns_and_resumes(tmp_path: Path):
     run_dir = tmp_path / "run"
-    out = run_cli(run_dir, *SHORT_RUN)
+    out = run_cli(run_dir, *short_run(100))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = records(run_dir)
     steps = [r for r in rows if r["step"] >= 1 and "reward/mean" in r]
-    assert len(steps) == 60
+    assert len(steps) == 100
     for key in REQUIRED_KEYS:
         assert all(key in r for r in steps), f"metrics.jsonl lacks {key}"
     evals = [r["eval/accuracy"] for r in rows if r.get("eval/ran")]
@@ -62,21 +65,14 @@ def test_short_default_run_learns_and_resumes(tmp_path: Path):
     assert 0.9 < steps[0]["train_infer/logprob_corr"] <= 1.0
     assert (run_dir / "curves.png").stat().st_size > 10_000
     assert list((run_dir / "wandb").glob("offline-run-*"))
-    assert (run_dir / "checkpoints" / "step_0000060" / "COMPLETE").exists()
+    assert (run_dir / "checkpoints" / "step_0000100" / "COMPLETE").exists()
 
     # resume=auto continues from the last checkpoint instead of starting over.
-    out = run_cli(
-        run_dir,
-        *SHORT_RUN[:-3],
-        "experiment.total_steps=64",
-        "data.num_eval=128",
-        "logging.wandb=offline",
-        "logging.progress=false",
-    )
+    out = run_cli(run_dir, *short_run(104))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "resumed from" in out.stdout + out.stderr
     later = [r for r in records(run_dir) if "reward/mean" in r]
-    assert [r["step"] for r in later[-4:]] == [61, 62, 63, 64]
+    assert [r["step"] for r in later[-4:]] == [101, 102, 103, 104]
 
 
 @pytest.mark.slow
