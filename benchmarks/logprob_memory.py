@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results/logprob_memory.json")
+    parser.add_argument("--only", default="", help="comma-separated method:T cases, e.g. chunked:65536")
     parser.add_argument("--case", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
@@ -76,8 +77,13 @@ def main() -> None:
         return
     cases = [("naive", 1024), ("chunked", 1024), ("naive", 4096), ("chunked", 4096)]
     if not args.quick:
-        cases += [("chunked", 16384), ("chunked", 65536)]
-    rows = []
+        cases += [("chunked", 65536), ("chunked", 16384)]
+    if args.only:
+        cases = [(m, int(t)) for m, t in (c.split(":") for c in args.only.split(","))]
+    out_path = Path(args.out)
+    # Results are merged into the JSON after every case: the long cases take minutes each.
+    previous = json.loads(out_path.read_text())["rows"] if out_path.exists() else []
+    rows = [r for r in previous if (r["method"], r["tokens"]) not in set(cases)]
     for method, tokens in cases:
         out = subprocess.run(
             [
@@ -96,10 +102,11 @@ def main() -> None:
             check=True,
         )
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.sort(key=lambda r: (r["tokens"], r["method"] != "naive"))
         print(f"  measured {method} T={tokens}", file=sys.stderr)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps({"hidden": HIDDEN, "vocab": VOCAB, "rows": rows}, indent=2))
     print_table(rows)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"hidden": HIDDEN, "vocab": VOCAB, "rows": rows}, indent=2))
 
 
 def print_table(rows: list[dict[str, float]]) -> None:

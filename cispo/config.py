@@ -27,7 +27,7 @@ class WarmstartConfig:
     enabled: bool = True
     target_accuracy: float = 0.30
     max_steps: int = 3000
-    max_time_s: float = 240.0
+    max_time_s: float = 600.0
     batch_size: int = 256
     lr: float = 2e-3
     eval_every: int = 50
@@ -231,7 +231,7 @@ class LoggingConfig:
 @dataclass
 class ExperimentConfig:
     name: str = "addition_tiny_minimax"
-    total_steps: int = 600
+    total_steps: int = 500
     max_time_s: float = 0.0  # 0 = no wall-clock limit
     eval_every: int = 50
     checkpoint_every: int = 100
