@@ -45,9 +45,9 @@ def _reasoning_gym_rows(
     rows = []
     for entry in dataset:
         meta = {"reasoning_gym": {"dataset": name, "entry": entry}}
-        rows.append(
-            {"prompt": entry["question"], "answer": str(entry["answer"]), "metadata": json.dumps(meta)}
-        )
+        # Generators may put Fractions etc. in metadata: stored as strings (scorers compare text).
+        metadata = json.dumps(meta, default=str)
+        rows.append({"prompt": entry["question"], "answer": str(entry["answer"]), "metadata": metadata})
     return rows
 
 
@@ -90,6 +90,8 @@ def _normalise(raw: datasets.Dataset, cfg: DataConfig, origin: str) -> datasets.
 def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
     """The train or eval split as a Dataset(prompt, answer, metadata)."""
     n = cfg.num_train if split == "train" else cfg.num_eval
+    if n == 0 and cfg.source in ("addition", "reasoning_gym"):
+        return datasets.Dataset.from_dict({"prompt": [], "answer": [], "metadata": []})
     if cfg.source == "addition":
         return datasets.Dataset.from_list(_addition_rows(n, split, cfg.seed, **cfg.generator_kwargs))
     if cfg.source == "reasoning_gym":
@@ -149,11 +151,12 @@ def encode_prompt(tokenizer: Any, cfg: DataConfig, prompt: str) -> list[int]:
     text = cfg.prompt_template.format(prompt=prompt)
     if cfg.chat_template:
         messages = [{"role": "user", "content": text}]
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def eval_groups(dataset: datasets.Dataset, tokenizer: Any, cfg: DataConfig) -> list[PromptGroup]:
+    if len(dataset) == 0:
+        return []
     stream = PromptStream(dataset, tokenizer, cfg, group_size=1)
     return [stream.make_group(i, dataset[i]) for i in range(len(dataset))]
