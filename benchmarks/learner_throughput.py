@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from report import write_report
+
 CASES = ("torch", "deepspeed-zero2", "deepspeed-zero3", "trl")
 
 
@@ -210,9 +212,7 @@ def main() -> None:
     text = table(results, args)
     print(text)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": vars(args), "results": results}, indent=2))
-    out.with_suffix(".md").write_text(text + "\n")
+    write_report(out, {"config": vars(args), "results": results}, text)
 
 
 def _has_trl() -> bool:

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
 import torch
+from report import write_report
 
 from cispo.batching import token_budget_chunks
 from cispo.config import AlgorithmConfig, LearnerConfig, ModelConfig
@@ -166,9 +166,7 @@ def main() -> None:
     text = table(result)
     print(text)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(text + "\n")
+    write_report(out, result, text)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ Targets: engine tokens/s >= plain generate's; 1 worker within 10% of plain gener
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from report import write_report
 
 from cispo.types import PromptGroup, SamplingParams
 from rollout.engine import build_engine
@@ -211,9 +211,7 @@ def main() -> None:
     table = markdown(throughput, sync, meta)
     print(table)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "throughput": throughput, "weight_sync": sync}, indent=2))
-    out.with_suffix(".md").write_text(table)
+    write_report(out, {"meta": meta, "throughput": throughput, "weight_sync": sync}, table)
 
 
 if __name__ == "__main__":

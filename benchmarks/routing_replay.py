@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from pathlib import Path
 
 import torch
+from report import write_report
 
 from cispo.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from cispo.learner.torch_learner import TorchLearner
@@ -143,9 +143,7 @@ def main() -> None:
     text = table(result)
     print(text)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    out.with_suffix(".md").write_text(text + "\n")
+    write_report(out, result, text)
 
 
 if __name__ == "__main__":

@@ -149,7 +149,7 @@ def _warm_start(
 def build_run(cfg: TrainConfig, run_dir: Path, resumed: bool) -> Run:
     torch.manual_seed(cfg.experiment.seed)
     torch.set_num_threads(cfg.learner.num_threads)
-    tokenizer = load_tokenizer(cfg.model.tokenizer if cfg.model.name != "smollm2_gguf" else "smollm2_gguf")
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
     model = build_policy(cfg.model, tokenizer, seed=cfg.experiment.seed)
     algo = cfg.algorithm
     scorer = RewardScorer(

@@ -59,7 +59,7 @@ def _rollout_metrics(seen: list[Sample], kept: list[Sample], seconds: float, run
         "rollout/new_tokens": float(sum(len(s.response_ids) for s in seen)),
         "rollout/policy_lag": float(run.learner.version - min(s.policy_version for s in kept)),
         "time/rollout_s": seconds,
-        **{f"reward/{k.removeprefix('reward/')}": v for k, v in run.scorer.metrics().items()},
+        **run.scorer.metrics(),
     }
 
 
