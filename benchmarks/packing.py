@@ -30,26 +30,17 @@ from cispo.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from cispo.learner.torch_learner import TorchLearner
 from cispo.packing import PackingNotSupported, check_packing, packed_sequence_logprobs, padded_fraction
 from cispo.policy import build_policy, load_tokenizer
+from cispo.testing import tiny_lm
 from cispo.types import TrainBatch
 
 PROMPT = 32
 
 
 def dense_model(vocab: int) -> torch.nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-    )
-    return Qwen2ForCausalLM(config)
+    return tiny_lm(
+        "qwen2", seed=0, vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=False,
+    )  # fmt: skip
 
 
 def make_batch(rows: int, max_response: int, vocab: int, seed: int = 0) -> TrainBatch:

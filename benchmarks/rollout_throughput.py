@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from report import write_report
 
+from cispo.testing import tiny_lm
 from cispo.types import PromptGroup, SamplingParams
 from rollout.engine import build_engine
 from rollout.manager import RolloutManager
@@ -30,15 +32,7 @@ PROMPT_LEN = 16
 
 def tiny_moe(dtype: torch.dtype) -> torch.nn.Module:
     """Qwen3-MoE, hidden 256, 4 layers, 8 experts top-2, vocab 8192: ~11M parameters."""
-    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen3MoeConfig(
-        vocab_size=8192, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
-        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-        num_experts=8, num_experts_per_tok=2, max_position_embeddings=1024,
-    )  # fmt: skip
-    return Qwen3MoeForCausalLM(config).to(dtype).eval()
+    return tiny_lm("qwen3_moe", seed=0).to(dtype).eval()
 
 
 def prompts(batch: int) -> list[list[int]]:
@@ -76,30 +70,50 @@ def manager_generate(manager: RolloutManager, batch: int, new_tokens: int, group
 
 
 def bench_dtype(dtype_name: str, batches: list[int], new_tokens: int, reps: int) -> list[dict[str, Any]]:
+    """Median tokens/s of each contender, measured in interleaved rounds.
+
+    Interleaving (generate, engine, 1 worker, 2 workers, then again) exposes every contender to the same
+    drift of a shared machine; the median of `reps` rounds then resists a single slow or fast outlier.
+    """
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
     model = tiny_moe(dtype)
     engine = build_engine("hf", model=model, dtype=dtype_name, max_batch_size=max(batches), num_threads=2)
-    rows = {b: {"dtype": dtype_name, "batch": b, "new_tokens": new_tokens} for b in batches}
+    kwargs = {"model": model, "dtype": dtype_name, "max_batch_size": max(batches)}
+    # Both managers live at once (the idle one only waits); their Ray CPU shares add up to the box's two.
+    managers = {
+        workers: RolloutManager(
+            "hf",
+            kwargs,
+            num_workers=workers,
+            num_cpus_per_worker=1 / workers,
+            num_threads_per_worker=2 // workers,
+        )
+        for workers in (1, 2)
+    }
+    contenders = {
+        "generate": lambda b: plain_generate(model, b, new_tokens),
+        "engine": lambda b: engine_generate(engine, b, new_tokens),
+        **{f"workers{w}": lambda b, m=m: manager_generate(m, b, new_tokens) for w, m in managers.items()},
+    }
     plain_generate(model, 8, 4), engine_generate(engine, 8, 4)  # warm-up
-    for b in batches:
-        rows[b]["generate_tok_s"] = max(plain_generate(model, b, new_tokens) for _ in range(reps))
-        rows[b]["engine_tok_s"] = max(engine_generate(engine, b, new_tokens) for _ in range(reps))
-    del engine
-    for workers in (1, 2):
-        manager = RolloutManager(
-            "hf", {"model": model, "dtype": dtype_name, "max_batch_size": max(batches)},
-            num_workers=workers, num_cpus_per_worker=1, num_threads_per_worker=2 // workers,
-        )  # fmt: skip
+    for manager in managers.values():
         manager_generate(manager, 8, 4)
-        for b in batches:
-            rows[b][f"workers{workers}_tok_s"] = max(
-                manager_generate(manager, b, new_tokens) for _ in range(reps)
-            )
-        manager.shutdown()
-    for row in rows.values():
+    rows = []
+    for b in batches:
+        runs: dict[str, list[float]] = {name: [] for name in contenders}
+        for _ in range(reps):
+            for name, measure in contenders.items():
+                runs[name].append(measure(b))
+        row: dict[str, Any] = {"dtype": dtype_name, "batch": b, "new_tokens": new_tokens, "reps": reps}
+        row.update({f"{name}_tok_s": statistics.median(values) for name, values in runs.items()})
+        row.update({f"{name}_runs": values for name, values in runs.items()})
         row["engine_vs_generate"] = row["engine_tok_s"] / row["generate_tok_s"]
         row["workers1_vs_generate"] = row["workers1_tok_s"] / row["generate_tok_s"]
-    return list(rows.values())
+        row["workers1_vs_engine"] = row["workers1_tok_s"] / row["engine_tok_s"]
+        rows.append(row)
+    for manager in managers.values():
+        manager.shutdown()
+    return rows
 
 
 def random_state_dict(megabytes: int) -> dict[str, torch.Tensor]:
@@ -165,16 +179,18 @@ def markdown(throughput: list[dict[str, Any]], sync: list[dict[str, Any]], meta:
     lines = [
         f"# Rollout throughput ({meta['machine']}, {meta['new_tokens']} new tokens, prompt {PROMPT_LEN})",
         "",
-        "Tiny Qwen3-MoE (~11M params). New tokens/s; ratios vs plain `model.generate` at the same batch.",
+        f"Tiny Qwen3-MoE (~11M params). New tokens/s, median of {meta['reps']} interleaved rounds; ratios vs "
+        "plain `model.generate` at the same batch, and of one Ray worker vs the same engine in-process.",
         "",
-        "| dtype | batch | generate | engine | 1 worker | 2 workers | engine/gen | 1 worker/gen |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| dtype | batch | generate | engine | 1 worker | 2 workers | engine/gen | 1 worker/gen "
+        "| 1 worker/engine |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in throughput:
         lines.append(
             f"| {r['dtype']} | {r['batch']} | {r['generate_tok_s']:.0f} | {r['engine_tok_s']:.0f} | "
             f"{r['workers1_tok_s']:.0f} | {r['workers2_tok_s']:.0f} | {r['engine_vs_generate']:.2f} | "
-            f"{r['workers1_vs_generate']:.2f} |"
+            f"{r['workers1_vs_generate']:.2f} | {r['workers1_vs_engine']:.2f} |"
         )
     lines += ["", "| state dict | workers | object store (s) | gloo broadcast (s) |", "|---:|---:|---:|---:|"]
     for r in sync:
@@ -188,7 +204,9 @@ def markdown(throughput: list[dict[str, Any]], sync: list[dict[str, Any]], meta:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--quick", action="store_true", help="32 new tokens and one repetition instead of 128 and best of two"
+        "--quick",
+        action="store_true",
+        help="32 new tokens and one round instead of 128 tokens and the median of three rounds",
     )
     parser.add_argument("--out", default="benchmarks/results/rollout_throughput.json")
     parser.add_argument("--dtypes", default="float32,bfloat16")
@@ -198,7 +216,7 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     torch.set_num_threads(2)
     batches, sizes = [8, 32, 64], [50, 500]
-    new_tokens, reps = (32, 1) if args.quick else (128, 2)
+    new_tokens, reps = (32, 1) if args.quick else (128, 3)
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray_bench_"))
     throughput = [row for d in args.dtypes.split(",") for row in bench_dtype(d, batches, new_tokens, reps)]
@@ -207,6 +225,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
         "new_tokens": new_tokens,
         "quick": args.quick,
+        "reps": reps,
     }
     table = markdown(throughput, sync, meta)
     print(table)

@@ -129,7 +129,9 @@ class HFEngine:
 
     def fp32_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from final hidden states with the LM head in float32."""
-        logits = hidden.float() @ self._head_weight.T
+        # W @ h^T rather than h @ W^T: the same product, but MKL runs this layout about 1.3-2x faster at
+        # decode shapes (a few rows against a vocabulary-sized weight) on CPU; cuBLAS does not care.
+        logits = torch.mm(self._head_weight, hidden.float().T).T.contiguous()
         if self._head_bias is not None:
             logits = logits + self._head_bias
         if self._softcap:

@@ -42,10 +42,18 @@ def _top_p_mask(scaled: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def sample(logprobs: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row from exp(logprobs); return (tokens [B], their log-probs [B])."""
-    probs = logprobs.exp()
-    # argmax(p / E) with E ~ Exp(1) is an exact draw from p (the exponential race); zero-probability tokens
-    # can never win, unlike a Gumbel perturbation of -inf with finite noise.
-    noise = torch.empty_like(probs).exponential_(generator=generator)
-    tokens = (probs / noise).argmax(dim=-1)
+    """Draw one token per row from exp(logprobs) [B, V]; return (tokens [B], their log-probs [B]).
+
+    Inverse-CDF sampling in float64: one uniform number per row instead of one random number per vocabulary
+    entry (torch.multinomial and the exponential race draw B*V of them, about 12 ms per step at B=64,
+    V=8192 on 2 CPU cores, against about 1 ms here). The target is capped strictly below the row total, so
+    the first index whose cumulative mass exceeds it always has positive probability: a token the
+    distribution excludes (top-k / top-p, log-prob -inf) can never be drawn.
+    """
+    # exp in float32 (accurate to an ulp, 2.5x cheaper than float64), accumulated in float64.
+    cdf = torch.cumsum(logprobs.exp(), dim=-1, dtype=torch.float64)
+    total = cdf[:, -1:]
+    uniform = torch.rand(total.shape, generator=generator, dtype=cdf.dtype, device=cdf.device)
+    target = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+    tokens = torch.searchsorted(cdf, target, right=True).squeeze(-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)

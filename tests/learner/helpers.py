@@ -7,6 +7,7 @@ import torch
 from cispo.batching import build_train_batch
 from cispo.config import ModelConfig
 from cispo.policy import build_policy, load_tokenizer
+from cispo.testing import tiny_lm
 from cispo.types import Sample, TrainBatch
 
 TINY_ARCH = {"hidden_size": 32, "intermediate_size": 32, "head_dim": 8}
@@ -18,20 +19,10 @@ def tiny_minimax(seed: int = 0):
 
 
 def tiny_dense(seed: int = 0, vocab: int = 100):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
+    return tiny_lm(
+        "qwen2", seed, vocab_size=vocab, hidden_size=32, intermediate_size=64, max_position_embeddings=128,
         tie_word_embeddings=False,
-    )
-    return Qwen2ForCausalLM(config)
+    )  # fmt: skip
 
 
 def make_batch(tok, n: int = 8, seed: int = 0) -> TrainBatch:

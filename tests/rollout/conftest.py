@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from cispo.testing import tiny_lm
+
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 VOCAB = 64
@@ -14,40 +16,11 @@ VOCAB = 64
 
 def make_minimax(seed: int = 0) -> torch.nn.Module:
     """The hybrid MiniMax architecture: lightning (linear) and softmax attention layers, 4 experts top-2."""
-    from transformers import MiniMaxConfig, MiniMaxForCausalLM
-
-    torch.manual_seed(seed)
-    config = MiniMaxConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
-        max_position_embeddings=512,
-        block_size=16,
-    )
-    return MiniMaxForCausalLM(config).eval()
+    return tiny_lm("minimax", seed, vocab_size=VOCAB).eval()
 
 
 def make_dense(seed: int = 0) -> torch.nn.Module:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
-    return Qwen2ForCausalLM(config).eval()
+    return tiny_lm("qwen2", seed, vocab_size=VOCAB).eval()
 
 
 @torch.no_grad()

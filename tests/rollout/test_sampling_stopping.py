@@ -43,6 +43,17 @@ def test_sample_frequencies_and_logprobs_match_the_distribution():
     assert torch.equal(token_logprobs, logprobs[0][tokens])
 
 
+def test_sample_never_draws_excluded_tokens_at_either_end():
+    # Excluded tokens first and last: the inverse-CDF draw must skip both the leading zero-mass prefix and
+    # the flat tail of the cumulative sum, even for a uniform draw right at the row total.
+    row = torch.tensor([float("-inf"), math.log(0.25), math.log(0.75), float("-inf")])
+    tokens, token_logprobs = sample(row.expand(40000, -1), torch.Generator().manual_seed(1))
+    freq = torch.bincount(tokens, minlength=4).float() / len(tokens)
+    assert freq[0] == 0 and freq[3] == 0
+    assert abs(float(freq[1]) - 0.25) < 0.01
+    assert torch.isfinite(token_logprobs).all()
+
+
 def test_stop_tracker_priorities_and_counts():
     params = SamplingParams(max_new_tokens=4, eos_token_ids=(9,), repetition_stop_tokens=2)
     tracker = StopTracker(3, params, torch.device("cpu"))

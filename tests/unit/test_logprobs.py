@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from cispo.logprobs import naive_token_logprobs, sequence_logprobs, token_logprobs
+from cispo.testing import tiny_lm
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -45,19 +46,8 @@ def test_bf16_hidden_uses_fp32_head():
 
 
 def test_sequence_logprobs_matches_full_forward():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    model = tiny_lm("llama", seed=0).eval()
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    model = LlamaForCausalLM(config).eval()
     input_ids = torch.randint(1, 64, (2, 9))
     attention_mask = torch.ones(2, 9, dtype=torch.long)
     attention_mask[1, 7:] = 0  # right padding
