@@ -76,6 +76,33 @@ def test_short_default_run_learns_and_resumes(tmp_path: Path):
 
 
 @pytest.mark.slow
+def test_deepspeed_learner_run_checkpoints_and_resumes(tmp_path: Path):
+    """The same CLI on 2 DeepSpeed ZeRO ranks: a checkpoint at step 2, then resume=auto carries on."""
+    run_dir = tmp_path / "ds"
+    common = [
+        "learner=deepspeed",
+        "model.warmstart.enabled=false",
+        "experiment.checkpoint_every=2",
+        "experiment.eval_every=50",
+        "data.num_eval=32",
+        "logging.wandb=disabled",
+        "logging.progress=false",
+    ]
+    out = run_cli(run_dir, "experiment.total_steps=2", *common, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (run_dir / "checkpoints" / "step_0000002" / "COMPLETE").exists()
+    out = run_cli(run_dir, "experiment.total_steps=3", *common, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "resumed from" in out.stdout + out.stderr
+    steps = [r for r in records(run_dir) if "reward/mean" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    # The learner's own version comes back from the DeepSpeed checkpoint: step 3 continues step 2's count
+    # of optimizer updates instead of restarting from 0.
+    per_step = steps[0]["policy/version"]
+    assert steps[2]["policy/version"] == steps[1]["policy/version"] + per_step
+
+
+@pytest.mark.slow
 def test_bad_dataset_row_names_the_row_and_field(tmp_path: Path):
     data = tmp_path / "rows.jsonl"
     data.write_text(
