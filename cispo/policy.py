@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import importlib.util
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +109,23 @@ def build_policy(cfg: ModelConfig, tokenizer: Any, seed: int = 0) -> torch.nn.Mo
     if cfg.fp32_lm_head:
         # The report's fix for train/infer probability mismatch: the head's weights and logits in FP32.
         model.get_output_embeddings().to(torch.float32)
+        if cfg.dtype == "bfloat16" and _head_is_tied(model):
+            # A tied head (SmolLM2, Qwen2.5-0.5B, ...) shares its tensor with the input embedding, which
+            # therefore turns FP32 too: keep one FP32 tensor (tying intact) and hand the body bf16.
+            model.get_input_embeddings().register_forward_hook(partial(_cast_output, dtype=torch.bfloat16))
     return model
+
+
+def _head_is_tied(model: torch.nn.Module) -> bool:
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and head.weight is embedding.weight
+
+
+def _cast_output(
+    module: torch.nn.Module, inputs: Any, output: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    # A module-level function (not a lambda) so the policy still pickles for DeepSpeed ranks and Ray.
+    return output.to(dtype)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

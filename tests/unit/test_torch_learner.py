@@ -1,4 +1,5 @@
 import copy
+import pickle
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from cispo.batching import build_train_batch, split_minibatches, token_budget_ch
 from cispo.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from cispo.learner import build_learner
 from cispo.policy import build_policy, load_tokenizer
+from cispo.testing import tiny_lm
 from cispo.types import Sample
 
 
@@ -90,3 +92,25 @@ def test_minibatches_partition_the_batch():
 def test_unknown_backend_is_named():
     with pytest.raises(ValueError, match="unknown learner backend 'jax'"):
         build_learner("jax")
+
+
+def test_bf16_policy_with_a_tied_fp32_head_trains_and_pickles(tmp_path):
+    """Tied embeddings (SmolLM2 and most small chat models) share the head's tensor: keeping the head in
+    FP32 makes the input embedding FP32 too, and a bf16 body must still receive bf16 activations."""
+    tiny_lm("llama", tie_word_embeddings=True).save_pretrained(tmp_path / "tied")
+    model = build_policy(ModelConfig(name=str(tmp_path / "tied"), dtype="bfloat16"), tokenizer=None)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    assert head.weight is embedding.weight and head.weight.dtype == torch.float32
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    ids = torch.randint(1, 64, (4, 7))
+    samples = [
+        Sample(0, row[:4].tolist(), row[4:].tolist(), [-1.0] * 3, "eos", 0) for row in ids
+    ]  # fmt: skip
+    batch = build_train_batch(samples, torch.tensor([1.0, -1.0, 0.5, -0.5]), pad_token_id=0)
+    before = head.weight.detach().clone()
+    learner = build_learner("torch", model=model, cfg=LearnerConfig(lr=1e-2, warmup_steps=0),
+                            algorithm=AlgorithmConfig())  # fmt: skip
+    metrics = learner.train_step(batch)
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+    assert head.weight is embedding.weight and not torch.equal(head.weight, before)
+    pickle.loads(pickle.dumps(model))  # DeepSpeed ranks and Ray workers receive the policy pickled
