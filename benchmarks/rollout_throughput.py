@@ -10,6 +10,7 @@ Targets: engine tokens/s >= plain generate's; 1 worker within 10% of plain gener
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import platform
 import statistics
@@ -42,7 +43,7 @@ def prompts(batch: int) -> list[list[int]]:
 
 
 def plain_generate(model: torch.nn.Module, batch: int, new_tokens: int) -> float:
-    ids = torch.tensor(prompts(batch))
+    ids = torch.tensor(prompts(batch), device=model.device)
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
@@ -69,16 +70,22 @@ def manager_generate(manager: RolloutManager, batch: int, new_tokens: int, group
     return sum(len(s.response_ids) for s in samples) / (time.perf_counter() - start)
 
 
-def bench_dtype(dtype_name: str, batches: list[int], new_tokens: int, reps: int) -> list[dict[str, Any]]:
+def bench_dtype(
+    dtype_name: str, batches: list[int], new_tokens: int, reps: int, device: str = "cpu"
+) -> list[dict[str, Any]]:
     """Median tokens/s of each contender, measured in interleaved rounds.
 
     Interleaving (generate, engine, 1 worker, 2 workers, then again) exposes every contender to the same
     drift of a shared machine; the median of `reps` rounds then resists a single slow or fast outlier.
     """
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
-    model = tiny_moe(dtype)
-    engine = build_engine("hf", model=model, dtype=dtype_name, max_batch_size=max(batches), num_threads=2)
-    kwargs = {"model": model, "dtype": dtype_name, "max_batch_size": max(batches)}
+    # Engines and workers get the CPU copy (each engine moves its own deep copy to `device`; Ray ships a
+    # CPU module to a worker whatever GPU it was given); plain generate runs on the device.
+    cpu_model = tiny_moe(dtype)
+    model = copy.deepcopy(cpu_model).to(device)
+    kwargs = {"model": cpu_model, "dtype": dtype_name, "max_batch_size": max(batches), "device": device}
+    engine = build_engine("hf", num_threads=2, **kwargs)
+    gpu_share = 1.0 if device.startswith("cuda") else 0.0
     # Both managers live at once (the idle one only waits); their Ray CPU shares add up to the box's two.
     managers = {
         workers: RolloutManager(
@@ -86,6 +93,7 @@ def bench_dtype(dtype_name: str, batches: list[int], new_tokens: int, reps: int)
             kwargs,
             num_workers=workers,
             num_cpus_per_worker=1 / workers,
+            num_gpus_per_worker=gpu_share / workers,
             num_threads_per_worker=2 // workers,
         )
         for workers in (1, 2)
@@ -210,6 +218,7 @@ def main() -> None:
     )
     parser.add_argument("--out", default="benchmarks/results/rollout_throughput.json")
     parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--device", default="cpu", help="cuda: model, engine and workers share one GPU")
     args = parser.parse_args()
     import ray
 
@@ -219,10 +228,13 @@ def main() -> None:
     new_tokens, reps = (32, 1) if args.quick else (128, 3)
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray_bench_"))
-    throughput = [row for d in args.dtypes.split(",") for row in bench_dtype(d, batches, new_tokens, reps)]
+    throughput = []
+    for dtype in args.dtypes.split(","):
+        throughput += bench_dtype(dtype, batches, new_tokens, reps, args.device)
     sync = bench_weight_sync(sizes, num_workers=2, reps=reps)
     meta = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+        + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
         "new_tokens": new_tokens,
         "quick": args.quick,
         "reps": reps,
