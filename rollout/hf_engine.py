@@ -2,7 +2,9 @@
 
 Why our own loop instead of model.generate: the behaviour log-probs must come from an FP32 LM head (the
 final hidden state times the lm_head weight in float32, even when the body runs in bf16) and from exactly
-the distribution sampled from (rollout/sampling.py).
+the distribution sampled from (rollout/sampling.py). The engine keeps its own FP32 copy of the head weight,
+taken from the FP32 source (the learner's module, its saved checkpoint, every weight sync): casting the
+body to bf16 must not round the head, or engine and learner would score tokens with different heads.
 
 Why prompts are bucketed by exact length: transformers' MiniMax (lightning attention mixed with softmax
 attention) drifts from a full forward under left padding with a cache; a batch whose prompts all have the
@@ -21,6 +23,7 @@ import copy
 import inspect
 import time
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -56,6 +59,25 @@ def length_buckets(prompts: list[list[int]], max_batch_size: int) -> list[list[i
         indices = by_length[length]
         batches.extend(indices[i : i + max_batch_size] for i in range(0, len(indices), max_batch_size))
     return batches
+
+
+def head_parameter_names(model: torch.nn.Module) -> list[str]:
+    """Every name under which the LM head's weight appears (a tied head also answers to the embedding's)."""
+    weight = model.get_output_embeddings().weight
+    return [name for name, p in model.named_parameters(remove_duplicate=False) if p is weight]
+
+
+def checkpoint_tensor(model_path: str, names: list[str]) -> torch.Tensor | None:
+    """The first of `names` stored in a local safetensors checkpoint, at its stored precision (an FP32
+    head saved by the learner stays FP32 even when the body is loaded in bf16); None if not found."""
+    from safetensors import safe_open
+
+    for shard in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as handle:
+            for name in names:
+                if name in handle.keys():
+                    return handle.get_tensor(name)
+    return None
 
 
 @register_engine("hf")
@@ -115,14 +137,23 @@ class HFEngine:
             model = AutoModelForCausalLM.from_pretrained(
                 model_path, dtype=self.dtype, trust_remote_code=trust_remote_code
             )
+            self._head_names = head_parameter_names(model)
+            self._set_head(checkpoint_tensor(model_path, self._head_names))
         else:
+            self._head_names = head_parameter_names(model)
+            self._set_head(model.get_output_embeddings().weight)  # before the cast below rounds it
             model = copy.deepcopy(model).to(self.dtype)
         return model.to(self.device).eval()
 
+    def _set_head(self, weight: torch.Tensor | None) -> None:
+        """The FP32 head weight: its own copy, so a bf16 body never rounds it (None: keep the current one)."""
+        if weight is not None:
+            self._head_weight = weight.detach().to(self.device, torch.float32, copy=True)
+
     def _refresh_head(self) -> None:
         head = self.model.get_output_embeddings()
-        # .float() is a no-op view for an fp32 model and a fresh fp32 copy for bf16: the head runs in fp32.
-        self._head_weight = head.weight.detach().float()
+        if not hasattr(self, "_head_weight"):  # no FP32 source was found: the module's own weight
+            self._set_head(head.weight)
         bias = getattr(head, "bias", None)
         self._head_bias = None if bias is None else bias.detach().float()
         self._softcap = getattr(self.model.config, "final_logit_softcapping", None)
@@ -242,6 +273,7 @@ class HFEngine:
             result = self.model.load_state_dict(state_dict, strict=False)
         if result.unexpected_keys:
             raise KeyError(f"hf engine: weights not in the model: {sorted(result.unexpected_keys)[:10]}")
+        self._set_head(next((state_dict[n] for n in self._head_names if n in state_dict), None))
         self._refresh_head()
         self.version = version
         self.last_timings = {**self.last_timings, "load_weights_s": time.perf_counter() - start}

@@ -59,12 +59,12 @@ def test_bf16_engine_uses_an_fp32_head(minimax_model):
     assert next(engine.model.parameters()).dtype == torch.bfloat16
     assert engine._head_weight.dtype == torch.float32
     hidden = torch.randn(3, 64, dtype=torch.bfloat16)
-    head_weight = engine.model.lm_head.weight.detach()
+    head_weight = minimax_model.lm_head.weight.detach()  # the FP32 source, not the bf16 module's copy
     expected = hidden.float() @ head_weight.float().T
     logits = engine.fp32_logits(hidden)
     assert logits.dtype == torch.float32
     fp32_error = float((logits - expected).abs().max())
-    bf16_error = float((hidden @ head_weight.T).float().sub(expected).abs().max())
+    bf16_error = float((hidden @ head_weight.bfloat16().T).float().sub(expected).abs().max())
     # Only summation order may differ from the fp32 reference; a bf16 head would be off 100x more.
     assert fp32_error < 1e-6 and bf16_error > 100 * max(fp32_error, 1e-8)
     gens = engine.generate(PROMPTS[:3], SamplingParams(max_new_tokens=24))
@@ -179,3 +179,21 @@ def test_hf_engine_on_cuda_matches_learner_recompute(dense_model, minimax_model)
     error = _max_logprob_error(hybrid.model, PROMPTS, gens, device="cuda")
     print(f"minimax bf16 on cuda (fp32 head) max |behaviour - learner|: {error:.2e}")
     assert error < 5e-2
+
+
+def test_bf16_engine_keeps_the_learners_fp32_head_unrounded(minimax_model, tmp_path):
+    """The head weight the engine multiplies by is the learner's FP32 tensor, not its bf16 rounding: from
+    a module, from a saved checkpoint, and after a weight sync."""
+    source = minimax_model.lm_head.weight.detach()
+    assert not torch.equal(source.bfloat16().float(), source)  # bf16 would really round these values
+    engine = build_engine("hf", model=minimax_model, dtype="bfloat16")
+    assert torch.equal(engine._head_weight, source)
+    minimax_model.save_pretrained(tmp_path / "policy")
+    from_disk = build_engine("hf", model_path=str(tmp_path / "policy"), dtype="bfloat16")
+    assert next(from_disk.model.parameters()).dtype == torch.bfloat16
+    assert torch.equal(from_disk._head_weight, source)
+    updated = make_minimax(seed=3).state_dict()
+    engine.load_weights(updated, version=1)
+    assert torch.equal(engine._head_weight, updated["lm_head.weight"])
+    engine.load_weights({"model.norm.weight": updated["model.norm.weight"]}, version=2)  # no head: kept
+    assert torch.equal(engine._head_weight, updated["lm_head.weight"])
