@@ -138,7 +138,8 @@ class HFEngine:
                 model_path, dtype=self.dtype, trust_remote_code=trust_remote_code
             )
             self._head_names = head_parameter_names(model)
-            self._set_head(checkpoint_tensor(model_path, self._head_names))
+            stored = checkpoint_tensor(model_path, self._head_names)
+            self._set_head(stored if stored is not None else model.get_output_embeddings().weight)
         else:
             self._head_names = head_parameter_names(model)
             self._set_head(model.get_output_embeddings().weight)  # before the cast below rounds it
@@ -152,8 +153,6 @@ class HFEngine:
 
     def _refresh_head(self) -> None:
         head = self.model.get_output_embeddings()
-        if not hasattr(self, "_head_weight"):  # no FP32 source was found: the module's own weight
-            self._set_head(head.weight)
         bias = getattr(head, "bias", None)
         self._head_bias = None if bias is None else bias.detach().float()
         self._softcap = getattr(self.model.config, "final_logit_softcapping", None)
