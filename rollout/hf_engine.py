@@ -109,7 +109,9 @@ class HFEngine:
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
         self.max_batch_size = max_batch_size
-        self.model = self._load(model_path, model, trust_remote_code)
+        self.model, source_head = self._load(model_path, model, trust_remote_code)
+        self._head_names = head_parameter_names(self.model)
+        self._set_head(source_head)
         self.version = 0
         self.last_timings: dict[str, float] = {}
         self._generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -130,26 +132,32 @@ class HFEngine:
                 raise ValueError(f"hf engine: record_routing needs an MoE model; {name} has no router")
             self._routing_dtype = routing_dtype(max(int(r.num_experts) for r in routers))
 
-    def _load(self, model_path: str | None, model: torch.nn.Module | None, trust_remote_code: bool) -> Any:
+    def _load(
+        self, model_path: str | None, model: torch.nn.Module | None, trust_remote_code: bool
+    ) -> tuple[Any, torch.Tensor]:
+        """The engine's own model at self.dtype, and the head weight at the finest precision available."""
         if model is None:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(
                 model_path, dtype=self.dtype, trust_remote_code=trust_remote_code
             )
-            self._head_names = head_parameter_names(model)
-            stored = checkpoint_tensor(model_path, self._head_names)
-            self._set_head(stored if stored is not None else model.get_output_embeddings().weight)
+            stored = checkpoint_tensor(model_path, head_parameter_names(model))
+            source = stored if stored is not None else model.get_output_embeddings().weight
         else:
-            self._head_names = head_parameter_names(model)
-            self._set_head(model.get_output_embeddings().weight)  # before the cast below rounds it
+            source = model.get_output_embeddings().weight  # the caller's tensor, before the cast rounds it
             model = copy.deepcopy(model).to(self.dtype)
-        return model.to(self.device).eval()
+        return model.to(self.device).eval(), source
 
-    def _set_head(self, weight: torch.Tensor | None) -> None:
-        """The FP32 head weight: its own copy, so a bf16 body never rounds it (None: keep the current one)."""
-        if weight is not None:
-            self._head_weight = weight.detach().to(self.device, torch.float32, copy=True)
+    def _set_head(self, source: torch.Tensor | None) -> None:
+        """The FP32 head weight. An FP32 body's own head parameter is it already (load_state_dict keeps it
+        current, no copy needed); a lower-precision body gets a separate FP32 copy of `source`, so the cast
+        never rounds the head (None: keep the current copy)."""
+        module_weight = self.model.get_output_embeddings().weight
+        if module_weight.dtype == torch.float32:
+            self._head_weight = module_weight.detach()
+        elif source is not None:
+            self._head_weight = source.detach().to(self.device, torch.float32, copy=True)
 
     def _refresh_head(self) -> None:
         head = self.model.get_output_embeddings()
