@@ -19,7 +19,6 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from report import write_report
 
@@ -210,9 +209,7 @@ def main() -> None:
     cases = [c for c in args.cases.split(",") if c != "trl" or _has_trl()]
     results = [r for r in (run_case(c, args) for c in cases) if r is not None]
     text = table(results, args)
-    print(text)
-    out = Path(args.out)
-    write_report(out, {"config": vars(args), "results": results}, text)
+    write_report(args.out, {"config": vars(args), "results": results}, text)
 
 
 def _has_trl() -> bool:

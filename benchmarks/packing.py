@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from pathlib import Path
 
 import torch
 from report import write_report
@@ -155,9 +154,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     result = run(args)
     text = table(result)
-    print(text)
-    out = Path(args.out)
-    write_report(out, result, text)
+    write_report(args.out, result, text)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Shared output of the benchmark scripts: the JSON result and its table beside it as Markdown."""
+"""Shared output of the benchmark scripts: the table on stdout, the JSON result, and the table beside it as
+Markdown."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 
 def write_report(out: str | Path, result: Any, table: str) -> None:
+    print(table)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -16,7 +16,6 @@ import platform
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -240,9 +239,7 @@ def main() -> None:
         "reps": reps,
     }
     table = markdown(throughput, sync, meta)
-    print(table)
-    out = Path(args.out)
-    write_report(out, {"meta": meta, "throughput": throughput, "weight_sync": sync}, table)
+    write_report(args.out, {"meta": meta, "throughput": throughput, "weight_sync": sync}, table)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-from pathlib import Path
 
 import torch
 from report import write_report
@@ -141,9 +140,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     result = run(args)
     text = table(result)
-    print(text)
-    out = Path(args.out)
-    write_report(out, result, text)
+    write_report(args.out, result, text)
 
 
 if __name__ == "__main__":
