@@ -27,6 +27,10 @@ WEIGHT_ATOL = 1e-6
 LOSS_ATOL = 1e-6
 LOGPROB_ATOL = 1e-5
 
+# Partition every parameter, however small (the default keeps tensors < 1e5 elements whole, which would
+# leave this tiny model unsharded and the ZeRO-3 gather paths untested).
+PARTITION_EVERYTHING = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+
 
 def learner_cfg(stage: int) -> LearnerConfig:
     # 18 tokens per micro-batch: every rank runs several micro-batches, and the plan pads one rank with
@@ -65,9 +69,7 @@ def test_two_ranks_make_the_single_process_update(reference, stage):
         model=copy.deepcopy(reference["model"]),
         cfg=learner_cfg(stage),
         algorithm=reference["algorithm"],
-        # Partition every parameter, however small (the default keeps tensors < 1e5 elements whole,
-        # which would leave this tiny model unsharded and the ZeRO-3 gather paths untested).
-        ds_config={"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+        ds_config=PARTITION_EVERYTHING,
     )
     try:
         metrics = learner.train_step(batch, return_logprobs=True)
@@ -124,7 +126,7 @@ def test_save_then_load_resumes_weights_and_optimizer(reference, stage, tmp_path
     kwargs = {
         "cfg": learner_cfg(stage),
         "algorithm": reference["algorithm"],
-        "ds_config": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+        "ds_config": PARTITION_EVERYTHING,
     }
     first, second = reference["batch"], make_batch(tiny_minimax()[1], 8, seed=1)
     learner = build_learner("deepspeed", model=copy.deepcopy(reference["model"]), **kwargs)
