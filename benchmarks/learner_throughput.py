@@ -36,9 +36,9 @@ def _hwm_mb(pid: int) -> float:
 def _model_and_batch(args: argparse.Namespace):
     import torch
 
-    from cispo.config import ModelConfig
-    from cispo.policy import build_policy, load_tokenizer
-    from cispo.types import TrainBatch
+    from cispo.core.config import ModelConfig
+    from cispo.core.types import TrainBatch
+    from cispo.driver.policy import build_policy, load_tokenizer
 
     tok = load_tokenizer("builtin:char")
     model = build_policy(ModelConfig(), tok, seed=0)
@@ -57,7 +57,7 @@ def _model_and_batch(args: argparse.Namespace):
 def run_ours(case: str, args: argparse.Namespace) -> dict:
     import torch
 
-    from cispo.config import AlgorithmConfig, LearnerConfig
+    from cispo.core.config import AlgorithmConfig, LearnerConfig
     from cispo.learner import build_learner
 
     model, _, batch = _model_and_batch(args)

@@ -32,7 +32,7 @@ def _rss_mb() -> float:
 def run_case(method: str, tokens: int, chunk: int) -> dict[str, float]:
     import torch
 
-    from cispo.logprobs import naive_token_logprobs, token_logprobs
+    from cispo.algo.logprobs import naive_token_logprobs, token_logprobs
 
     torch.manual_seed(0)
     hidden = torch.randn(tokens, HIDDEN, requires_grad=True)

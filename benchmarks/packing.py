@@ -24,13 +24,18 @@ import time
 import torch
 from report import write_report
 
-from cispo.batching import token_budget_chunks
-from cispo.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from cispo.core.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from cispo.core.testing import tiny_lm
+from cispo.core.types import TrainBatch
+from cispo.driver.policy import build_policy, load_tokenizer
+from cispo.learner.micro_batches import token_budget_chunks
+from cispo.learner.packing import (
+    PackingNotSupported,
+    check_packing,
+    packed_sequence_logprobs,
+    padded_fraction,
+)
 from cispo.learner.torch_learner import TorchLearner
-from cispo.packing import PackingNotSupported, check_packing, packed_sequence_logprobs, padded_fraction
-from cispo.policy import build_policy, load_tokenizer
-from cispo.testing import tiny_lm
-from cispo.types import TrainBatch
 
 PROMPT = 32
 

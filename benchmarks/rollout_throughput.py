@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from report import write_report
 
-from cispo.testing import tiny_lm
-from cispo.types import PromptGroup, SamplingParams
+from cispo.core.testing import tiny_lm
+from cispo.core.types import PromptGroup, SamplingParams
 from rollout.engine import build_engine
 from rollout.manager import RolloutManager
 from rollout.weight_sync import NcclWeightSync, ObjectStoreWeightSync

@@ -1,9 +1,9 @@
 """Train/infer log-prob agreement on the tiny MiniMax MoE, with and without routing replay.
 
 Engine: a bf16 copy of the policy (head included) samples responses with a KV cache and records, per fed
-token, the experts every MoE layer chose (cispo.moe.RoutingRecorder) and the behaviour log-probs. Learner:
-the fp32 policy recomputes the log-probs of the same tokens (TorchLearner.compute_logprobs), once with its
-own routing and once replaying the engine's. Reported: Pearson correlation of token probabilities, max
+token, the experts every MoE layer chose (cispo.core.moe.RoutingRecorder) and the behaviour log-probs.
+Learner: the fp32 policy recomputes the log-probs of the same tokens (TorchLearner.compute_logprobs),
+once with its own routing and once replaying the engine's. Reported: Pearson correlation of token probabilities, max
 and mean |log-prob difference|, and the share of (token, layer) routing decisions that differ.
 
     python benchmarks/routing_replay.py [--prompts 32] [--new-tokens 32] [--out PATH]
@@ -17,11 +17,11 @@ import copy
 import torch
 from report import write_report
 
-from cispo.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from cispo.core.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from cispo.core.moe import NO_CHOICE, RoutingRecorder
+from cispo.core.types import TrainBatch
+from cispo.driver.policy import build_policy, load_tokenizer
 from cispo.learner.torch_learner import TorchLearner
-from cispo.moe import NO_CHOICE, RoutingRecorder
-from cispo.policy import build_policy, load_tokenizer
-from cispo.types import TrainBatch
 
 
 def rollout(engine: torch.nn.Module, tok, prompts: int, new_tokens: int, seed: int):
@@ -68,7 +68,7 @@ def build_batch(sequences, prompt_len, behaviour, routed) -> TrainBatch:
 
 
 def learner_routing(model, batch: TrainBatch, replay: bool) -> torch.Tensor:
-    from cispo.moe import replay_routing
+    from cispo.core.moe import replay_routing
 
     with replay_routing(model, batch.routed_experts if replay else None), RoutingRecorder(model) as rec:
         with torch.no_grad():

@@ -12,7 +12,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from cispo.types import Generation, SamplingParams
+from cispo.core.registry import Registry, callable_from
+from cispo.core.types import Generation, SamplingParams
 
 
 @runtime_checkable
@@ -31,34 +32,25 @@ class Engine(Protocol):
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None: ...
 
 
-_ENGINES: dict[str, Callable[..., Engine]] = {}
-# Engines whose module is imported only when selected, so a missing optional dependency (vllm) only
-# matters to whoever asks for that engine.
-_LAZY_ENGINES: dict[str, str] = {"hf": "rollout.hf_engine", "vllm": "rollout.vllm_engine"}
+# Built-ins are imported only when selected, so a missing optional dependency (vllm) only matters to
+# whoever asks for that engine.
+ENGINES: Registry[Callable[..., Engine]] = Registry(
+    "rollout engine",
+    "cispo.engines",
+    lazy={"hf": "rollout.hf_engine:HFEngine", "vllm": "rollout.vllm_engine:VLLMEngine"},
+)
 
 
 def register_engine(name: str) -> Callable[[Callable[..., Engine]], Callable[..., Engine]]:
     """Class decorator: make an engine constructible by name through build_engine."""
-
-    def decorator(factory: Callable[..., Engine]) -> Callable[..., Engine]:
-        if name in _ENGINES and _ENGINES[name] is not factory:
-            raise ValueError(f"engine {name!r} is already registered by {_ENGINES[name]!r}")
-        _ENGINES[name] = factory
-        return factory
-
-    return decorator
+    return ENGINES.register(name)
 
 
 def available_engines() -> list[str]:
-    return sorted(set(_ENGINES) | set(_LAZY_ENGINES))
+    return ENGINES.names()
 
 
 def build_engine(name: str, **kwargs: Any) -> Engine:
-    """Construct a registered engine. Unknown names raise ValueError listing the known ones."""
-    if name not in _ENGINES and name in _LAZY_ENGINES:
-        import importlib
-
-        importlib.import_module(_LAZY_ENGINES[name])
-    if name not in _ENGINES:
-        raise ValueError(f"unknown rollout engine {name!r}; known engines: {', '.join(available_engines())}")
-    return _ENGINES[name](**kwargs)
+    """Construct an engine by name or ``package.module:Class`` (resolved in the process that builds it:
+    a Ray worker resolves the same path the driver was given)."""
+    return callable_from(ENGINES, name)(**kwargs)

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from cispo.moe import NO_CHOICE, RoutingRecorder, find_routers, routing_dtype
-from cispo.types import Generation, SamplingParams
+from cispo.core.moe import NO_CHOICE, RoutingRecorder, find_routers, routing_dtype
+from cispo.core.types import Generation, SamplingParams
 from rollout.engine import register_engine
 from rollout.sampling import process_logits, sample
 from rollout.stopping import StopTracker

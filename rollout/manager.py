@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from cispo.types import Generation, PromptGroup, Sample, SamplingParams
+from cispo.core.types import Generation, PromptGroup, Sample, SamplingParams
 from rollout.engine import build_engine
 from rollout.weight_sync import ObjectStoreWeightSync
 from rollout.worker import RolloutWorker

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from cispo.types import SamplingParams
+from cispo.core.types import SamplingParams
 
 
 def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

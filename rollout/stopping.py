@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cispo.types import SamplingParams
+from cispo.core.types import SamplingParams
 
 
 @dataclass

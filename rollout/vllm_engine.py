@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from cispo.types import Generation, SamplingParams
+from cispo.core.types import Generation, SamplingParams
 from rollout.engine import register_engine
 from rollout.stopping import repetition_cut
 from rollout.weight_sync import TensorMeta, init_weight_group, receive_state_dict, to_cpu_state_dict

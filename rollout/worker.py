@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from cispo.types import Generation, SamplingParams
+from cispo.core.types import Generation, SamplingParams
 from rollout.engine import build_engine
 from rollout.weight_sync import TensorMeta, init_weight_group, receive_state_dict
 

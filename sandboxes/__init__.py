@@ -42,37 +42,38 @@ Not covered:
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
+from cispo.core.registry import Registry, callable_from
 from sandboxes.base import Limits, RunResult, Sandbox, SandboxError
 from sandboxes.pool import SandboxPool
 
-_BACKENDS: dict[str, str] = {
-    "bwrap": "sandboxes.bwrap:BwrapSandbox",
-    "docker": "sandboxes.docker_sandbox:DockerSandbox",
-    "unsafe_subprocess": "sandboxes.unsafe:UnsafeSubprocessSandbox",
-}
+SANDBOXES: Registry[type[Sandbox]] = Registry(
+    "sandbox",
+    "cispo.sandboxes",
+    lazy={
+        "bwrap": "sandboxes.bwrap:BwrapSandbox",
+        "docker": "sandboxes.docker_sandbox:DockerSandbox",
+        "unsafe_subprocess": "sandboxes.unsafe:UnsafeSubprocessSandbox",
+    },
+)
 
 
 def register_sandbox(name: str, target: str | type[Sandbox]) -> None:
     """Add a backend under ``name``: a Sandbox subclass or its ``pkg.mod:Class`` path."""
-    _BACKENDS[name] = target  # type: ignore[assignment]
+    if isinstance(target, str):
+        SANDBOXES.add_lazy(name, target)
+    else:
+        SANDBOXES.register(name, target)
 
 
 def available_sandboxes() -> list[str]:
-    return sorted(_BACKENDS)
+    return SANDBOXES.names()
 
 
 def get_sandbox(name: str = "bwrap", **kwargs: Any) -> Sandbox:
     """Build the backend registered as ``name`` with ``kwargs``; raises SandboxError if it cannot run here."""
-    target: Any = _BACKENDS.get(name)
-    if target is None:
-        raise ValueError(f"unknown sandbox {name!r}; registered: {', '.join(available_sandboxes())}")
-    if isinstance(target, str):
-        module, _, attr = target.partition(":")
-        target = getattr(importlib.import_module(module), attr)
-    return target(**kwargs)
+    return callable_from(SANDBOXES, name)(**kwargs)
 
 
 __all__ = [

@@ -15,7 +15,8 @@ from typing import Any, Protocol
 
 import torch
 
-from cispo.types import TrainBatch
+from cispo.core.registry import Registry, callable_from
+from cispo.core.types import TrainBatch
 
 
 class Learner(Protocol):
@@ -29,28 +30,20 @@ class Learner(Protocol):
     def close(self) -> None: ...
 
 
-_BACKENDS: dict[str, Callable[..., Learner]] = {}
+LEARNERS: Registry[Callable[..., Learner]] = Registry(
+    "learner backend",
+    "cispo.learners",
+    lazy={
+        "torch": "cispo.learner.torch_learner:TorchLearner",
+        "deepspeed": "cispo.learner.deepspeed_learner:DeepSpeedLearner",
+    },
+)
 
 
 def register_learner(name: str) -> Callable[[Callable[..., Learner]], Callable[..., Learner]]:
-    def decorator(factory: Callable[..., Learner]) -> Callable[..., Learner]:
-        _BACKENDS[name] = factory
-        return factory
-
-    return decorator
+    return LEARNERS.register(name)
 
 
 def build_learner(name: str, **kwargs: Any) -> Learner:
-    _import_backends()
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown learner backend {name!r}; registered: {sorted(_BACKENDS)}")
-    return _BACKENDS[name](**kwargs)
-
-
-def _import_backends() -> None:
-    from cispo.learner import torch_learner  # noqa: F401
-
-    try:
-        from cispo.learner import deepspeed_learner  # noqa: F401
-    except ImportError:
-        pass
+    """Constructs the backend ``name`` (registered, lazy built-in, ``pkg.mod:Factory`` or entry point)."""
+    return callable_from(LEARNERS, name)(**kwargs)

@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
-from cispo.config import AlgorithmConfig, LearnerConfig
-from cispo.logprobs import sequence_logprobs
-from cispo.moe import capture_router_logits, replay_routing, router_aux_loss
-from cispo.packing import check_packing, packed_sequence_logprobs
-from cispo.types import TrainBatch
+from cispo.algo.logprobs import sequence_logprobs
+from cispo.core.config import AlgorithmConfig, LearnerConfig
+from cispo.core.moe import capture_router_logits, replay_routing, router_aux_loss
+from cispo.core.types import TrainBatch
+from cispo.learner.packing import check_packing, packed_sequence_logprobs
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:

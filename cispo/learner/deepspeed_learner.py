@@ -64,38 +64,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from cispo.batching import token_budget_chunks
-from cispo.config import AlgorithmConfig, LearnerConfig
+from cispo.algo.losses import normalization_weights
+from cispo.core.config import AlgorithmConfig, LearnerConfig
+from cispo.core.types import TrainBatch
 from cispo.learner import register_learner
 from cispo.learner.common import merge_totals, wants_packing
 from cispo.learner.deepspeed_rank import recv, send
-from cispo.losses import normalization_weights
-from cispo.types import TrainBatch
-
-# Each micro-batch a rank runs: (rows of the minibatch or None for a dummy, token weights, share, dummy).
-Plan = list[list[torch.Tensor | None]]
-
-
-def shard_rows(batch: TrainBatch, world: int) -> list[torch.Tensor]:
-    """Rows per rank, balancing tokens greedily (longest row to the lightest rank)."""
-    lengths = batch.attention_mask.sum(dim=1).tolist()
-    loads = [0] * world
-    shards: list[list[int]] = [[] for _ in range(world)]
-    for row in sorted(range(len(lengths)), key=lambda r: -lengths[r]):
-        target = min(range(world), key=lambda r: (loads[r], len(shards[r])))
-        shards[target].append(row)
-        loads[target] += lengths[row]
-    return [torch.tensor(sorted(s), dtype=torch.long) for s in shards]
-
-
-def plan_micro_batches(batch: TrainBatch, world: int, max_tokens: int) -> Plan:
-    """Per rank, the minibatch rows of each micro-batch; None pads a rank to the common count."""
-    plan: Plan = []
-    for rows in shard_rows(batch, world):
-        chunks = token_budget_chunks(batch.select(rows), max_tokens) if len(rows) else []
-        plan.append([rows[chunk] for chunk in chunks])
-    most = max(len(p) for p in plan)
-    return [p + [None] * (most - len(p)) for p in plan]
+from cispo.learner.micro_batches import Plan, plan_micro_batches
 
 
 def _dummy(batch: TrainBatch) -> TrainBatch:
@@ -111,6 +86,7 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@register_learner("deepspeed")
 class DeepSpeedLearner:
     def __init__(
         self,
@@ -315,8 +291,3 @@ def _shutdown(procs: list[subprocess.Popen], listener: Listener) -> None:
             proc.terminate()
             proc.wait(timeout=5)
     listener.close()
-
-
-@register_learner("deepspeed")
-def _build_deepspeed_learner(**kwargs: Any) -> DeepSpeedLearner:
-    return DeepSpeedLearner(**kwargs)

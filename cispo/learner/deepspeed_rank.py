@@ -24,7 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cispo.config import AlgorithmConfig, LearnerConfig
+from cispo.algo.losses import get_policy_loss
+from cispo.core.config import AlgorithmConfig, LearnerConfig
+from cispo.core.types import TrainBatch
 from cispo.learner.common import (
     accumulate,
     build_optimizer,
@@ -33,8 +35,6 @@ from cispo.learner.common import (
     moe_context,
     policy_logprobs,
 )
-from cispo.losses import get_policy_loss
-from cispo.types import TrainBatch
 
 
 def send(conn: Connection, obj: Any) -> None:

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import torch
 
-from cispo.batching import token_budget_chunks
-from cispo.config import AlgorithmConfig, LearnerConfig
+from cispo.algo.losses import get_policy_loss, normalization_weights
+from cispo.core.config import AlgorithmConfig, LearnerConfig
+from cispo.core.types import TrainBatch
 from cispo.learner import register_learner
 from cispo.learner.common import (
     accumulate,
@@ -18,12 +19,12 @@ from cispo.learner.common import (
     policy_logprobs,
     wants_packing,
 )
-from cispo.losses import get_policy_loss, normalization_weights
-from cispo.types import TrainBatch
+from cispo.learner.micro_batches import token_budget_chunks
 
 __all__ = ["TorchLearner", "build_optimizer", "lr_lambda"]
 
 
+@register_learner("torch")
 class TorchLearner:
     def __init__(
         self,
@@ -129,7 +130,3 @@ class TorchLearner:
     def close(self) -> None:
         pass
 
-
-@register_learner("torch")
-def _build_torch_learner(**kwargs) -> TorchLearner:
-    return TorchLearner(**kwargs)

@@ -38,7 +38,7 @@ def short_run(steps: int) -> list[str]:
 
 def run_cli(run_dir: Path, *overrides: str, timeout: int = 1200) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "cispo.cli", f"hydra.run.dir={run_dir}", *overrides]
+    cmd = [sys.executable, "-m", "cispo.driver.cli", f"hydra.run.dir={run_dir}", *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from cispo.batching import build_train_batch
-from cispo.config import ModelConfig
-from cispo.policy import build_policy, load_tokenizer
-from cispo.testing import tiny_lm
-from cispo.types import Sample, TrainBatch
+from cispo.core.config import ModelConfig
+from cispo.core.testing import tiny_lm
+from cispo.core.types import Sample, TrainBatch
+from cispo.driver.batch import build_train_batch
+from cispo.driver.policy import build_policy, load_tokenizer
 
 TINY_ARCH = {"hidden_size": 32, "intermediate_size": 32, "head_dim": 8}
 

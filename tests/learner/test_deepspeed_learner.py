@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cispo.config import AlgorithmConfig, LearnerConfig
+from cispo.core.config import AlgorithmConfig, LearnerConfig
 from cispo.learner import build_learner
-from cispo.learner.deepspeed_learner import plan_micro_batches
+from cispo.learner.micro_batches import plan_micro_batches
 from tests.learner.helpers import make_batch, tiny_minimax
 
 pytestmark = pytest.mark.slow

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
-from cispo.config import AlgorithmConfig, LearnerConfig
+from cispo.algo.logprobs import sequence_logprobs
+from cispo.core.config import AlgorithmConfig, LearnerConfig
+from cispo.core.moe import NO_CHOICE, RoutingRecorder, find_routers, replay_routing
 from cispo.learner import build_learner
-from cispo.logprobs import sequence_logprobs
-from cispo.moe import NO_CHOICE, RoutingRecorder, find_routers, replay_routing
 from tests.learner.helpers import make_batch, tiny_minimax
 
 

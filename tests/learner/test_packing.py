@@ -3,10 +3,10 @@ import copy
 import pytest
 import torch
 
-from cispo.config import AlgorithmConfig, LearnerConfig
+from cispo.algo.logprobs import sequence_logprobs
+from cispo.core.config import AlgorithmConfig, LearnerConfig
 from cispo.learner import build_learner
-from cispo.logprobs import sequence_logprobs
-from cispo.packing import PackingNotSupported, pack_rows, packed_sequence_logprobs, padded_fraction
+from cispo.learner.packing import PackingNotSupported, pack_rows, packed_sequence_logprobs, padded_fraction
 from tests.learner.helpers import make_batch, tiny_dense, tiny_minimax
 
 

@@ -84,8 +84,9 @@ def test_bad_return_values_raise_reward_error() -> None:
 
 def test_entry_point_group_loads_math(monkeypatch: pytest.MonkeyPatch) -> None:
     # Hide the registered name so the lookup falls through to the installed 'cispo.rewards' entry point.
-    registry._load_builtins()
-    monkeypatch.delitem(registry._REGISTRY, "math")
+    hidden = registry.REWARDS
+    monkeypatch.setattr(hidden, "_lazy", {k: v for k, v in hidden._lazy.items() if k != "math"})
+    monkeypatch.setattr(hidden, "_entries", {k: v for k, v in hidden._entries.items() if k != "math"})
     fn = get_reward("math")
     assert fn(SAMPLE).score == 1.0 and fn(RewardInput("q", "\\boxed{5}", "4")).score == 0.0
 

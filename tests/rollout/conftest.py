@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from cispo.testing import tiny_lm
+from cispo.core.testing import tiny_lm
 
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cispo.types import PromptGroup, SamplingParams
+from cispo.core.types import PromptGroup, SamplingParams
 from rollout.engine import Engine, build_engine
 from rollout.manager import LocalRolloutManager
 from tests.rollout.conftest import greedy_full_forward, learner_logprobs, make_dense, make_minimax

@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 import torch
 
-from cispo.types import PromptGroup, SamplingParams
+from cispo.core.types import PromptGroup, SamplingParams
 from rollout.manager import RolloutManager
 from rollout.weight_sync import NcclWeightSync
 from tests.rollout.conftest import greedy_full_forward, make_dense

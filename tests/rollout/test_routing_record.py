@@ -9,12 +9,12 @@ import pickle
 import pytest
 import torch
 
-from cispo.batching import build_train_batch
-from cispo.config import AlgorithmConfig, LearnerConfig
+from cispo.algo.logprobs import sequence_logprobs
+from cispo.core.config import AlgorithmConfig, LearnerConfig
+from cispo.core.moe import NO_CHOICE, RoutingRecorder, find_routers, replay_routing
+from cispo.core.types import PromptGroup, SamplingParams, TrainBatch
+from cispo.driver.batch import build_train_batch
 from cispo.learner.torch_learner import TorchLearner
-from cispo.logprobs import sequence_logprobs
-from cispo.moe import NO_CHOICE, RoutingRecorder, find_routers, replay_routing
-from cispo.types import PromptGroup, SamplingParams, TrainBatch
 from rollout.engine import build_engine
 from rollout.manager import LocalRolloutManager
 from tests.rollout.conftest import make_dense

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from cispo.types import SamplingParams
+from cispo.core.types import SamplingParams
 from rollout.engine import available_engines, build_engine
 from rollout.sampling import process_logits, sample
 from rollout.stopping import StopTracker, repetition_cut
@@ -79,7 +79,7 @@ def test_repetition_cut_matches_the_live_rule():
 
 def test_registry_errors_are_clear():
     assert {"hf", "vllm"} <= set(available_engines())
-    with pytest.raises(ValueError, match="known engines: hf, vllm"):
+    with pytest.raises(ValueError, match="registered: hf, vllm"):
         build_engine("nope")
     try:
         import vllm  # noqa: F401

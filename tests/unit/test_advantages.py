@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cispo.advantages import batch_normalized_advantages, get_advantage, group_advantages
+from cispo.algo.advantages import batch_normalized_advantages, get_advantage, group_advantages
 
 
 def test_group_advantages_by_hand():

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from cispo.batching import build_train_batch
-from cispo.components import _engine_kwargs
-from cispo.config import TrainConfig
-from cispo.moe import NO_CHOICE
-from cispo.types import Sample
+from cispo.core.config import TrainConfig
+from cispo.core.moe import NO_CHOICE
+from cispo.core.types import Sample
+from cispo.driver.batch import build_train_batch
+from cispo.driver.build import _engine_kwargs
 
 LAYERS, TOP_K = 3, 2
 

@@ -9,8 +9,8 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, ValidationError
 
-from cispo.cli import CONFIG_DIR, to_train_config
-from cispo.config import TrainConfig, register_configs
+from cispo.core.config import TrainConfig, register_configs
+from cispo.driver.cli import CONFIG_DIR, to_train_config
 
 register_configs()
 
@@ -79,7 +79,8 @@ def test_bad_values_fail_with_the_key(override, message):
 
 
 def test_cli_reports_config_errors_without_a_traceback(tmp_path: Path):
-    cmd = [sys.executable, "-m", "cispo.cli", "algorithm.updates_per_batch=0", f"hydra.run.dir={tmp_path}"]
+    cmd = [sys.executable, "-m", "cispo.driver.cli", "algorithm.updates_per_batch=0"]
+    cmd.append(f"hydra.run.dir={tmp_path}")
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "config error at algorithm.updates_per_batch" in out.stderr
@@ -88,7 +89,7 @@ def test_cli_reports_config_errors_without_a_traceback(tmp_path: Path):
 
 def test_cli_prints_the_composed_job_config():
     out = subprocess.run(
-        [sys.executable, "-m", "cispo.cli", "--cfg", "job", "algorithm=grpo"],
+        [sys.executable, "-m", "cispo.driver.cli", "--cfg", "job", "algorithm=grpo"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from cispo.logprobs import naive_token_logprobs, sequence_logprobs, token_logprobs
-from cispo.testing import tiny_lm
+from cispo.algo.logprobs import naive_token_logprobs, sequence_logprobs, token_logprobs
+from cispo.core.testing import tiny_lm
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])

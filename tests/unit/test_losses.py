@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from cispo.losses import cispo_loss, dapo_loss, get_policy_loss, grpo_loss, normalization_weights
+from cispo.algo.losses import cispo_loss, dapo_loss, get_policy_loss, grpo_loss, normalization_weights
 
 LN2, LN6 = math.log(2.0), math.log(6.0)
 

@@ -4,12 +4,13 @@ import pickle
 import pytest
 import torch
 
-from cispo.batching import build_train_batch, split_minibatches, token_budget_chunks
-from cispo.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from cispo.core.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from cispo.core.testing import tiny_lm
+from cispo.core.types import Sample
+from cispo.driver.batch import build_train_batch, split_minibatches
+from cispo.driver.policy import build_policy, load_tokenizer
 from cispo.learner import build_learner
-from cispo.policy import build_policy, load_tokenizer
-from cispo.testing import tiny_lm
-from cispo.types import Sample
+from cispo.learner.micro_batches import token_budget_chunks
 
 
 def tiny_model():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from cispo.moe import NO_CHOICE
-from cispo.types import Sample, TrainBatch
+from cispo.core.moe import NO_CHOICE
+from cispo.core.types import Sample, TrainBatch
 
 
 def build_train_batch(samples: list[Sample], advantages: torch.Tensor, pad_token_id: int) -> TrainBatch:
@@ -61,23 +61,3 @@ def split_minibatches(
     k = min(num_minibatches, len(batch))
     order = torch.randperm(len(batch), generator=generator)
     return [batch.select(rows) for rows in torch.tensor_split(order, k)]
-
-
-def token_budget_chunks(batch: TrainBatch, max_tokens: int) -> list[torch.Tensor]:
-    """Row groups whose padded size (rows x longest row) stays within max_tokens; rows sorted by length
-    so that padding inside a micro-batch is small. A single row longer than the budget goes alone."""
-    lengths = batch.attention_mask.sum(dim=1)
-    order = torch.argsort(lengths, descending=True)
-    chunks: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for row in order.tolist():
-        candidate = max(longest, int(lengths[row]))
-        if current and candidate * (len(current) + 1) > max_tokens:
-            chunks.append(current)
-            current, candidate = [], int(lengths[row])
-        current.append(row)
-        longest = candidate
-    if current:
-        chunks.append(current)
-    return [torch.tensor(c, dtype=torch.long) for c in chunks]

@@ -7,7 +7,7 @@ stage's budget applies from the following rollout.
 
 from __future__ import annotations
 
-from cispo.config import CurriculumConfig
+from cispo.core.config import CurriculumConfig
 
 
 class LengthCurriculum:

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from cispo.config import DataConfig, ModelConfig
-from cispo.data import encode_prompt
+from cispo.core.config import DataConfig, ModelConfig
+from cispo.driver.data import encode_prompt
 
 
 def cache_key(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> str:

@@ -15,15 +15,15 @@ from typing import Any
 
 import torch
 
-from cispo.advantages import AdvantageFn, get_advantage
-from cispo.config import TrainConfig
-from cispo.curriculum import LengthCurriculum
-from cispo.data import PromptStream, eval_groups, load_split
+from cispo.algo.advantages import AdvantageFn, get_advantage
+from cispo.core.config import TrainConfig
+from cispo.core.types import PromptGroup, Sample, SamplingParams
+from cispo.driver.curriculum import LengthCurriculum
+from cispo.driver.data import PromptStream, eval_groups, load_split
+from cispo.driver.policy import build_policy, count_parameters, load_tokenizer
+from cispo.driver.tracking import Tracker
+from cispo.driver.warmstart import supervised_warmstart
 from cispo.learner import Learner, build_learner
-from cispo.policy import build_policy, count_parameters, load_tokenizer
-from cispo.tracking import Tracker
-from cispo.types import PromptGroup, Sample, SamplingParams
-from cispo.warmstart import supervised_warmstart
 from rewards.base import RewardInput
 from rewards.scorer import RewardScorer, RewardSpec
 from rollout.manager import LocalRolloutManager, RolloutManager

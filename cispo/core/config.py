@@ -155,8 +155,8 @@ class AlgorithmConfig:
     pipeline_one_step: bool = False  # overlap the next rollout with this update (one step off-policy)
 
     def __post_init__(self) -> None:
-        from cispo.advantages import get_advantage
-        from cispo.losses import NORMALIZERS, get_policy_loss
+        from cispo.algo.advantages import get_advantage
+        from cispo.algo.losses import NORMALIZERS, get_policy_loss
 
         try:
             get_policy_loss(self.loss)

@@ -13,7 +13,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from cispo.config import LoggingConfig
+from cispo.core.config import LoggingConfig
 
 
 def _wandb_reachable(host: str = "api.wandb.ai", timeout: float = 1.5) -> bool:

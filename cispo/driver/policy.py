@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from cispo.config import ModelConfig
+from cispo.core.config import ModelConfig
 
-CHAR_TOKENIZER = Path(__file__).parent / "assets" / "char_tokenizer"
+CHAR_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "char_tokenizer"
 
 TINY_MINIMAX_DEFAULTS: dict[str, Any] = {
     "hidden_size": 128,

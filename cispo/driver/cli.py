@@ -18,9 +18,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from cispo.config import TrainConfig, register_configs
+from cispo.core.config import TrainConfig, register_configs
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
@@ -37,7 +37,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(f"cispo-train: {err}", file=sys.stderr)
         sys.exit(2)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from cispo.trainer import train
+    from cispo.driver.loop import train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     result = train(train_cfg, run_dir)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from cispo.core.registry import Registry, callable_from
+
 
 @dataclass
 class Advantages:
@@ -25,22 +27,15 @@ class Advantages:
 
 
 AdvantageFn = Callable[..., Advantages]
-_ESTIMATORS: dict[str, AdvantageFn] = {}
+ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator", "cispo.advantages")
 
 
 def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-    def decorator(fn: AdvantageFn) -> AdvantageFn:
-        _ESTIMATORS[name] = fn
-        return fn
-
-    return decorator
+    return ADVANTAGES.register(name)
 
 
 def get_advantage(name: str) -> AdvantageFn:
-    try:
-        return _ESTIMATORS[name]
-    except KeyError:
-        raise ValueError(f"unknown advantage estimator {name!r}; registered: {sorted(_ESTIMATORS)}") from None
+    return callable_from(ADVANTAGES, name)
 
 
 def _grouped(rewards: Tensor, group_size: int) -> Tensor:

@@ -13,8 +13,8 @@ from typing import Any
 
 import datasets
 
-from cispo.config import DataConfig
-from cispo.types import PromptGroup
+from cispo.core.config import DataConfig
+from cispo.core.types import PromptGroup
 
 
 def is_held_out(a: int, b: int) -> bool:

@@ -10,8 +10,8 @@ is then the same as in its own unpadded forward (up to kernel rounding; tests/le
 The hybrid MiniMax architecture cannot be packed this way: its lightning-attention layers carry a
 recurrent K^T V state from the first token of the stream to the last, with no reset at a boundary, so
 sequence 2 would read sequence 1's state. (Resetting it would need a varlen lightning kernel.) For such
-models learners use token-budget micro-batches (cispo.batching.token_budget_chunks: rows sorted by
-length, so little padding), and asking for packing raises PackingNotSupported.
+models learners use token-budget micro-batches (cispo.learner.micro_batches.token_budget_chunks:
+rows sorted by length, so little padding), and asking for packing raises PackingNotSupported.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cispo.logprobs import token_logprobs
-from cispo.types import TrainBatch
+from cispo.algo.logprobs import token_logprobs
+from cispo.core.types import TrainBatch
 
 RECURRENT_LAYER_TYPES = ("linear_attention", "mamba", "recurrent", "lightning_attention")
 
@@ -99,7 +99,7 @@ def packed_sequence_logprobs(
     temperature: float = 1.0,
     with_entropy: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
-    """Like cispo.logprobs.sequence_logprobs (same [B, L] output layout) but one packed forward."""
+    """Like cispo.algo.logprobs.sequence_logprobs (same [B, L] output layout) but one packed forward."""
     check_packing(model)
     packed = pack_rows(batch)
     trunk = model.get_decoder() if hasattr(model, "get_decoder") else model.model

@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cispo.batching import build_train_batch, split_minibatches
-from cispo.checkpoint import find_resume_point, load_checkpoint, save_checkpoint
-from cispo.components import Run, build_run
-from cispo.config import TrainConfig
-from cispo.tracking import plot_curves
-from cispo.types import Sample, TrainBatch
+from cispo.core.config import TrainConfig
+from cispo.core.types import Sample, TrainBatch
+from cispo.driver.batch import build_train_batch, split_minibatches
+from cispo.driver.build import Run, build_run
+from cispo.driver.checkpoint import find_resume_point, load_checkpoint, save_checkpoint
+from cispo.driver.tracking import plot_curves
 
 
 def collect_rollouts(run: Run) -> tuple[list[Sample], dict[str, float]]:

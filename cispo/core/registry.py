@@ -1,0 +1,123 @@
+"""One registry class for everything chosen by name: losses, advantages, learners, engines, rewards,
+sandboxes.
+
+A name resolves, in order, to
+1. an entry registered in this process (``@LOSSES.register("cispo")``),
+2. a built-in that is imported only when asked for (``lazy={"vllm": "rollout.vllm_engine:VllmEngine"}``,
+   so a missing optional dependency only matters to whoever selects it),
+3. a ``package.module:attr`` path, imported where it is resolved: a DeepSpeed rank or a Ray worker that
+   receives the same string finds the same object, which a name registered only in the driver would not,
+4. an entry point of the registry's group (``[project.entry-points."cispo.losses"]``), so other packages
+   can ship plugins without touching this repository.
+
+Duplicates: registering the same object again is harmless (re-imports, reloads of the defining module);
+a different object under a taken name is an error naming both.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+def _describe(obj: Any) -> str:
+    module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", None)
+    return f"{module}.{name}" if module and name else repr(obj)
+
+
+def _same(a: Any, b: Any) -> bool:
+    # A module imported twice (a reload, or run as __main__ and imported) re-creates its functions: the
+    # same definition, so the same plugin.
+    return a is b or (
+        getattr(a, "__qualname__", None) is not None
+        and getattr(a, "__module__", None) == getattr(b, "__module__", None)
+        and a.__qualname__ == b.__qualname__
+    )
+
+
+def import_path(path: str, kind: str = "object") -> Any:
+    """The object at ``package.module:attr`` (attr may be dotted); ValueError naming what is missing."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{kind} path {path!r} must look like 'package.module:attr'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ValueError(f"{kind} {path!r}: cannot import module {module_name!r} ({err})") from err
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{kind} {path!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+class Registry(Generic[T]):
+    """Named objects of one kind, with optional per-entry metadata (e.g. a reward's score range)."""
+
+    def __init__(self, kind: str, group: str, lazy: dict[str, str] | None = None) -> None:
+        self.kind, self.group = kind, group
+        self._entries: dict[str, T] = {}
+        self._metadata: dict[str, dict[str, Any]] = {}
+        self._lazy = dict(lazy or {})
+
+    def register(self, name: str, obj: T | None = None, **metadata: Any) -> Any:
+        """``register(name, obj)``, or ``@register(name)`` as a decorator; returns the object."""
+
+        def add(target: T) -> T:
+            taken = self._entries.get(name)
+            if taken is not None and not _same(taken, target):
+                raise ValueError(
+                    f"{self.kind} {name!r} is already registered as {_describe(taken)}; "
+                    f"cannot register {_describe(target)} under the same name"
+                )
+            self._entries[name] = target
+            self._metadata[name] = metadata
+            return target
+
+        return add if obj is None else add(obj)
+
+    def add_lazy(self, name: str, path: str) -> None:
+        """A built-in by ``package.module:attr``, imported only when first asked for."""
+        self._lazy[name] = path
+
+    def names(self) -> list[str]:
+        return sorted(set(self._entries) | set(self._lazy))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries or name in self._lazy
+
+    def metadata(self, name: str) -> dict[str, Any]:
+        return dict(self._metadata.get(name, {}))
+
+    def get(self, name: str) -> T:
+        """The object named ``name`` (see the module docstring for the order); ValueError if none."""
+        if name in self._entries:
+            return self._entries[name]
+        if name in self._lazy:
+            obj = import_path(self._lazy[name], self.kind)
+            # The module may have registered it under this name on import; if not, register it now.
+            return self._entries.get(name) or self.register(name, obj)
+        if ":" in name:
+            return import_path(name, self.kind)
+        for ep in entry_points(group=self.group):
+            if ep.name == name:
+                return self.register(name, ep.load())
+        raise ValueError(
+            f"unknown {self.kind} {name!r}; registered: {', '.join(self.names()) or '(none)'}; "
+            f"or give 'package.module:attr', or an entry point in group '{self.group}'"
+        )
+
+    def check(self, name: str) -> None:
+        """Raises the same ValueError as get() would, without building anything."""
+        self.get(name)
+
+
+def callable_from(registry: Registry[Any], name: str) -> Callable[..., Any]:
+    obj = registry.get(name)
+    if not callable(obj):
+        raise TypeError(f"{registry.kind} {name!r} resolves to {obj!r}, which is not callable")
+    return obj
