@@ -4,7 +4,8 @@ Engine: a bf16 copy of the policy (head included) samples responses with a KV ca
 token, the experts every MoE layer chose (cispo.core.moe.RoutingRecorder) and the behaviour log-probs.
 Learner: the fp32 policy recomputes the log-probs of the same tokens (TorchLearner.compute_logprobs),
 once with its own routing and once replaying the engine's. Reported: Pearson correlation of token
-probabilities, max and mean |log-prob difference|, and the share of (token, layer) routing decisions that differ.
+probabilities, max and mean |log-prob difference|, and the share of (token, layer) routing decisions
+that differ.
 
     python benchmarks/routing_replay.py [--prompts 32] [--new-tokens 32] [--out PATH]
 """
