@@ -25,9 +25,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from cispo.core.config import NORMALIZERS
 from cispo.core.registry import Registry, callable_from
-
-NORMALIZERS = ("token", "group", "sample", "sample_token")
 
 
 class PolicyLoss(Protocol):

@@ -13,6 +13,8 @@ from typing import Any
 from omegaconf import MISSING
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+# How a loss normalises its token sum (cispo.algo.losses.normalization_weights implements them).
+NORMALIZERS = ("token", "group", "sample", "sample_token")
 
 
 def _require(condition: bool, key: str, message: str) -> None:
@@ -144,7 +146,10 @@ class RewardConfig:
 @dataclass
 class AlgorithmConfig:
     loss: str = "cispo"
-    loss_kwargs: dict[str, Any] = field(default_factory=lambda: {"eps_low": 1.0, "eps_high": 4.0})
+    # Empty here on purpose: each algorithm's YAML (configs/algorithm/*.yaml) gives its loss's kwargs
+    # whole, so choosing algorithm=grpo never inherits CISPO's eps_low/eps_high. Checked against the
+    # loss's signature at start-up (cispo.driver.validate).
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
     normalizer: str = "token"
     advantage: str = "group"
     advantage_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -155,14 +160,7 @@ class AlgorithmConfig:
     pipeline_one_step: bool = False  # overlap the next rollout with this update (one step off-policy)
 
     def __post_init__(self) -> None:
-        from cispo.algo.advantages import get_advantage
-        from cispo.algo.losses import NORMALIZERS, get_policy_loss
-
-        try:
-            get_policy_loss(self.loss)
-            get_advantage(self.advantage)
-        except ValueError as err:
-            raise ValueError(f"config error at algorithm: {err}") from None
+        # Names resolved through registries (loss, advantage) are checked by cispo.driver.validate.
         _require(self.normalizer in NORMALIZERS, "algorithm.normalizer", f"one of {list(NORMALIZERS)}")
         _require(self.group_size >= 2, "algorithm.group_size", "must be >= 2 for group advantages")
         _require(self.updates_per_batch >= 1, "algorithm.updates_per_batch", "must be >= 1")
@@ -218,7 +216,7 @@ class CurriculumConfig:
 class LoggingConfig:
     wandb: str = "auto"  # auto: online with an API key and a reachable server, offline otherwise
     project: str = "cispo"
-    log_every: int = 1
+    log_every: int = 1  # a plain progress line every N steps when there is no progress bar
     table_every: int = 50
     table_samples: int = 8
     progress: bool = True
@@ -226,6 +224,7 @@ class LoggingConfig:
 
     def __post_init__(self) -> None:
         _require(self.wandb in WANDB_MODES, "logging.wandb", f"one of {list(WANDB_MODES)}")
+        _require(self.log_every >= 1, "logging.log_every", "must be >= 1")
 
 
 @dataclass
@@ -245,15 +244,19 @@ class ExperimentConfig:
 
 @dataclass
 class ClusterConfig:
-    num_cpus: int = 2
-    ray_address: str = ""  # empty: start a local Ray cluster
-    num_nodes: int = 1
-    gpus_per_node: int = 0
-    launcher: str = "local"  # local | torchrun | slurm
+    num_cpus: int = 2  # CPUs of the local Ray instance (unused with ray_address)
+    ray_address: str = ""  # empty: start a local Ray instance
+    num_nodes: int = 1  # with ray_address: the live nodes the cluster must have at start-up
+    gpus_per_node: int = 0  # GPUs each of those nodes must have; the local instance gets this many
 
     def __post_init__(self) -> None:
+        _require(self.num_cpus >= 1, "cluster.num_cpus", "must be >= 1")
+        _require(self.num_nodes >= 1, "cluster.num_nodes", "must be >= 1")
+        _require(self.gpus_per_node >= 0, "cluster.gpus_per_node", "must be >= 0")
         _require(
-            self.launcher in ("local", "torchrun", "slurm"), "cluster.launcher", "local, torchrun or slurm"
+            bool(self.ray_address) or self.num_nodes == 1,
+            "cluster.num_nodes",
+            f"{self.num_nodes} nodes need cluster.ray_address (a local Ray instance is one node)",
         )
 
 

@@ -164,3 +164,12 @@ class TrainBatch:
 
     def num_response_tokens(self) -> int:
         return int(self.response_mask.sum().item())
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step returns: its metrics (plain floats) and, when asked for, the policy's
+    log-probs of the minibatch taken in the same forward, before the update ([B, L], 0 off the response)."""
+
+    metrics: dict[str, float]
+    logprobs: torch.Tensor | None = None

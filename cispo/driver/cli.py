@@ -24,15 +24,22 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
-    """The composed DictConfig as validated dataclasses (runs every __post_init__ check)."""
-    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    """The composed DictConfig as validated dataclasses: no key outside the schema (even one added with
+    `+`), every __post_init__ value check, then every name a registry resolves. All of it runs before a
+    model is built or a warm start begins."""
+    from cispo.driver.validate import check_keys, check_plugins
+
+    check_keys(cfg)
+    train_cfg: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    check_plugins(train_cfg)
+    return train_cfg
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
     try:
         train_cfg = to_train_config(cfg)
-    except ValueError as err:
+    except (ValueError, TypeError) as err:
         # Config errors name the key; a traceback would only bury that.
         print(f"cispo-train: {err}", file=sys.stderr)
         sys.exit(2)

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from cispo.core.config import DataConfig, ModelConfig
-from cispo.driver.data import encode_prompt
+from cispo.core.config import DataConfig, ModelConfig, TrainConfig
+from cispo.driver.data import encode_prompt, load_split
 
 
 def cache_key(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> str:
@@ -115,3 +115,28 @@ def supervised_warmstart(
     torch.save(model.state_dict(), directory / "weights.pt")
     (directory / "meta.json").write_text(json.dumps(meta))
     return {**meta, "cached": 0.0}
+
+
+def warm_start_stage(
+    cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, log: Callable[[str], None]
+) -> dict[str, float]:
+    """The supervised warm start as a stage of its own, before the RL loop: trains `model` in place (or
+    loads it from the cache), judged by an in-process evaluation stage that is closed afterwards."""
+    from cispo.driver.build import build_eval_stage
+    from cispo.driver.curriculum import LengthCurriculum
+
+    judge = build_eval_stage(cfg, model, tokenizer)
+    budget = LengthCurriculum(cfg.curriculum, cfg.rollout.max_new_tokens).budget
+
+    def evaluate(m: torch.nn.Module) -> float:
+        judge.load_weights(m.state_dict(), 0)
+        return judge.evaluate(budget)
+
+    try:
+        rows = load_split(cfg.data, "train")
+        result = supervised_warmstart(
+            model, tokenizer, rows, evaluate, cfg.model, cfg.data, cfg.experiment.seed, log=log
+        )
+    finally:
+        judge.close()
+    return {f"warmstart/{k}": v for k, v in result.items()}

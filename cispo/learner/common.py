@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from cispo.algo.logprobs import sequence_logprobs
 from cispo.core.config import AlgorithmConfig, LearnerConfig
+from cispo.core.metrics import combine_metrics
 from cispo.core.moe import capture_router_logits, replay_routing, router_aux_loss
 from cispo.core.types import TrainBatch
 from cispo.learner.packing import check_packing, packed_sequence_logprobs
@@ -114,24 +115,28 @@ def micro_batch_loss(
     return loss, metrics
 
 
-def accumulate(totals: dict[str, float], metrics: dict[str, Tensor], loss: Tensor, share: float) -> None:
-    """Token-share-weighted means of the metrics, max of the *_max ones, and the summed loss."""
-    for key, value in metrics.items():
-        value = float(value)
-        if key.endswith("_max"):
-            totals[key] = max(totals.get(key, value), value)
-        else:
-            totals[key] = totals.get(key, 0.0) + share * value
-    totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+class StepParts:
+    """The micro-batches of one optimizer step (on one rank, or merged over ranks): their metrics with
+    their token shares of the minibatch, and the summed loss (each micro-batch's loss is its term of the
+    minibatch loss). combine_metrics (cispo.core.metrics) owns how the metrics combine."""
 
+    def __init__(self) -> None:
+        self.metrics: list[dict[str, float]] = []
+        self.shares: list[float] = []
+        self.loss = 0.0
 
-def merge_totals(parts: list[dict[str, float]]) -> dict[str, float]:
-    """Combines per-rank totals whose shares are fractions of the global minibatch."""
-    merged: dict[str, float] = {}
-    for totals in parts:
-        for key, value in totals.items():
-            if key.endswith("_max"):
-                merged[key] = max(merged.get(key, value), value)
-            else:
-                merged[key] = merged.get(key, 0.0) + value
-    return merged
+    def add(self, metrics: dict[str, Tensor], loss: Tensor, share: float) -> None:
+        self.metrics.append({key: float(value) for key, value in metrics.items()})
+        self.shares.append(share)
+        self.loss += float(loss.detach())
+
+    def merge(self, other: StepParts) -> StepParts:
+        self.metrics += other.metrics
+        self.shares += other.shares
+        self.loss += other.loss
+        return self
+
+    def result(self, grad_norm: float, lr: float) -> dict[str, float]:
+        out = combine_metrics(self.metrics, self.shares)
+        out.update({"loss": self.loss, "grad_norm": grad_norm, "lr": lr})
+        return out

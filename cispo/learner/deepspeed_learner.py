@@ -66,9 +66,9 @@ from torch import nn
 
 from cispo.algo.losses import normalization_weights
 from cispo.core.config import AlgorithmConfig, LearnerConfig
-from cispo.core.types import TrainBatch
+from cispo.core.types import StepResult, TrainBatch
 from cispo.learner import register_learner
-from cispo.learner.common import merge_totals, wants_packing
+from cispo.learner.common import StepParts, wants_packing
 from cispo.learner.deepspeed_rank import recv, send
 from cispo.learner.micro_batches import Plan, plan_micro_batches
 
@@ -104,10 +104,7 @@ class DeepSpeedLearner:
     ) -> None:
         if launcher not in ("spawn", "external"):
             raise ValueError(f"launcher must be 'spawn' or 'external', got {launcher!r}")
-        if cfg.zero_stage not in (2, 3):
-            raise ValueError(
-                f"the deepspeed learner supports learner.zero_stage 2 or 3, got {cfg.zero_stage}"
-            )
+        self.check_config(cfg)
         self.cfg, self.algorithm, self.world = cfg, algorithm, cfg.num_ranks
         self.version = 0
         packing = (
@@ -138,6 +135,14 @@ class DeepSpeedLearner:
             send(conn, init)
         for rank in range(self.world):
             self._expect(rank, "ready")
+
+    @staticmethod
+    def check_config(cfg: LearnerConfig) -> None:
+        """What only this backend requires of learner.* (run at start-up, before any model is built)."""
+        if cfg.zero_stage not in (2, 3):
+            raise ValueError(f"learner.zero_stage must be 2 or 3 (deepspeed learner), got {cfg.zero_stage}")
+        if cfg.num_ranks < 1:
+            raise ValueError(f"learner.num_ranks must be >= 1, got {cfg.num_ranks}")
 
     def _spawn(self, authkey: bytes, threads: int) -> list[subprocess.Popen]:
         # Subprocesses running the same module an external launcher runs (not multiprocessing "spawn",
@@ -204,7 +209,7 @@ class DeepSpeedLearner:
             send(conn, request)
         return [self._expect(rank, "ok")[1] for rank in range(self.world)]
 
-    def train_step(self, batch: TrainBatch, return_logprobs: bool = False) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, return_logprobs: bool = False) -> StepResult:
         """One optimizer step on one minibatch over all ranks (see the module docstring)."""
         weights = normalization_weights(batch.response_mask, self.algorithm.normalizer, batch.group_ids)
         tokens = max(batch.num_response_tokens(), 1)
@@ -222,13 +227,14 @@ class DeepSpeedLearner:
                 parts.append((part, weights[rows, : part.input_ids.shape[1]], share, False))
             requests.append(("train", parts, return_logprobs))
         replies = self._broadcast(requests)
-        totals = merge_totals([totals for totals, _ in replies])
+        step = StepParts()
+        for rank_parts, *_ in replies:
+            step.merge(rank_parts)
         # Every rank saw the same global norm and lr.
-        totals["grad_norm"], totals["lr"] = replies[0][0]["grad_norm"], replies[0][0]["lr"]
+        _, grad_norm, lr, _ = replies[0]
         self.version += 1
-        if return_logprobs:
-            totals["_logprobs"] = self._scatter(batch, plan, [seen for _, seen in replies])  # type: ignore[assignment]
-        return totals
+        logprobs = self._scatter(batch, plan, [r[3] for r in replies]) if return_logprobs else None
+        return StepResult(step.result(grad_norm, lr), logprobs)
 
     @staticmethod
     def _scatter(batch: TrainBatch, plan: Plan, outputs: list[list[torch.Tensor | None]]) -> torch.Tensor:

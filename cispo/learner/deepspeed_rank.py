@@ -28,7 +28,7 @@ from cispo.algo.losses import get_policy_loss
 from cispo.core.config import AlgorithmConfig, LearnerConfig
 from cispo.core.types import TrainBatch
 from cispo.learner.common import (
-    accumulate,
+    StepParts,
     build_optimizer,
     lr_lambda,
     micro_batch_loss,
@@ -143,7 +143,7 @@ class RankServer:
 
     def train(self, parts: list[tuple[TrainBatch, Tensor, float, bool]], return_logprobs: bool) -> tuple:
         self.engine.train()
-        totals: dict[str, float] = {}
+        step = StepParts()
         seen = []
         lr = self.scheduler.get_last_lr()[0]
         for part, weights, share, dummy in parts:
@@ -163,12 +163,10 @@ class RankServer:
             # ZeRO averages gradients over ranks; each rank's loss is already its share of the global sum.
             self.engine.backward(loss * self.world)
             if not dummy:
-                accumulate(totals, metrics, loss, share)
+                step.add(metrics, loss, share)
             seen.append(logprobs.detach().cpu() if return_logprobs else None)
         self.engine.step()
-        totals["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
-        totals["lr"] = lr
-        return totals, seen
+        return step, float(self.engine.get_global_grad_norm() or 0.0), lr, seen
 
     @torch.no_grad()
     def logprobs(self, parts: list[TrainBatch]) -> list[Tensor]:

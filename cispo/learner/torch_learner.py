@@ -8,10 +8,10 @@ import torch
 
 from cispo.algo.losses import get_policy_loss, normalization_weights
 from cispo.core.config import AlgorithmConfig, LearnerConfig
-from cispo.core.types import TrainBatch
+from cispo.core.types import StepResult, TrainBatch
 from cispo.learner import register_learner
 from cispo.learner.common import (
-    accumulate,
+    StepParts,
     build_optimizer,
     lr_lambda,
     micro_batch_loss,
@@ -59,15 +59,15 @@ class TorchLearner:
                 out[rows, : part.input_ids.shape[1]] = self._logprobs(part, with_entropy=False)[0]
         return out
 
-    def train_step(self, batch: TrainBatch, return_logprobs: bool = False) -> dict[str, float]:
+    def train_step(self, batch: TrainBatch, return_logprobs: bool = False) -> StepResult:
         """One optimizer step on one minibatch; the loss is normalised over the whole minibatch.
 
-        With return_logprobs, the current policy's log-probs of the batch (taken in the same forward, so
-        before this step's update) come back under "_logprobs" as a [B, L] tensor.
+        With return_logprobs, the result carries the current policy's [B, L] log-probs of the batch, taken
+        in the same forward, so before this step's update.
         """
         self.model.train()
         weights = normalization_weights(batch.response_mask, self.algorithm.normalizer, batch.group_ids)
-        totals: dict[str, float] = {}
+        parts = StepParts()
         tokens = max(batch.num_response_tokens(), 1)
         seen_logprobs = torch.zeros_like(batch.old_logprobs) if return_logprobs else None
         for rows in token_budget_chunks(batch, self.cfg.micro_batch_tokens):
@@ -88,21 +88,18 @@ class TorchLearner:
                 token_share=share,
             )
             loss.backward()
-            accumulate(totals, metrics, loss, share)
+            parts.add(metrics, loss, share)
             if seen_logprobs is not None:
                 seen_logprobs[rows, : part.input_ids.shape[1]] = logprobs.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.cfg.grad_clip or float("inf")
         )
-        totals["grad_norm"] = float(grad_norm)
-        totals["lr"] = self.scheduler.get_last_lr()[0]
+        lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
-        if seen_logprobs is not None:
-            totals["_logprobs"] = seen_logprobs  # type: ignore[assignment]
-        return totals
+        return StepResult(parts.result(float(grad_norm), lr), seen_logprobs)
 
     def state_dict_for_sync(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.model.state_dict().items()}

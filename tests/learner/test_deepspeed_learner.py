@@ -47,12 +47,13 @@ def reference():
     algorithm = AlgorithmConfig(normalizer="group")  # weights depend on rows held by the other rank
     single = copy.deepcopy(model)
     learner = build_learner("torch", model=single, cfg=learner_cfg(2), algorithm=algorithm)
-    metrics = learner.train_step(batch, return_logprobs=True)
+    result = learner.train_step(batch, return_logprobs=True)
     return {
         "model": model,
         "batch": batch,
         "algorithm": algorithm,
-        "metrics": metrics,
+        "metrics": result.metrics,
+        "logprobs": result.logprobs,
         "state": single.state_dict(),
         "after": learner.compute_logprobs(batch),
     }
@@ -72,13 +73,13 @@ def test_two_ranks_make_the_single_process_update(reference, stage):
         ds_config=PARTITION_EVERYTHING,
     )
     try:
-        metrics = learner.train_step(batch, return_logprobs=True)
-        ref = reference["metrics"]
+        result = learner.train_step(batch, return_logprobs=True)
+        metrics, ref = result.metrics, reference["metrics"]
         assert math.isfinite(metrics["loss"])
         assert metrics["loss"] == pytest.approx(ref["loss"], abs=LOSS_ATOL)
         assert metrics["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
         assert metrics["entropy"] == pytest.approx(ref["entropy"], rel=1e-5)
-        torch.testing.assert_close(metrics["_logprobs"], ref["_logprobs"], atol=LOGPROB_ATOL, rtol=0)
+        torch.testing.assert_close(result.logprobs, reference["logprobs"], atol=LOGPROB_ATOL, rtol=0)
         stream = learner.iter_weights_for_sync()
         first_name, _ = next(stream)  # a generator: tensors arrive one at a time
         state = {first_name: _, **dict(stream)}

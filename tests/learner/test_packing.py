@@ -53,7 +53,8 @@ def test_dense_learner_update_is_the_same_packed_or_padded():
         cfg = LearnerConfig(lr=1e-2, warmup_steps=0, num_threads=1)
         cfg.packing = packing  # read with getattr: the config group may not declare the field yet
         m = copy.deepcopy(model)
-        metrics = build_learner("torch", model=m, cfg=cfg, algorithm=AlgorithmConfig()).train_step(batch)
+        learner = build_learner("torch", model=m, cfg=cfg, algorithm=AlgorithmConfig())
+        metrics = learner.train_step(batch).metrics
         states.append((m.state_dict(), metrics["loss"]))
     assert states[0][1] == pytest.approx(states[1][1], abs=1e-6)
     for key, value in states[0][0].items():

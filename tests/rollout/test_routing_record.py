@@ -129,7 +129,7 @@ def test_torch_learner_replays_the_engines_routing(minimax_model):
     assert effect > 5e-4
     cfg = LearnerConfig(routing_replay=True, num_threads=1, warmup_steps=0, micro_batch_tokens=40)
     learner = TorchLearner(copy.deepcopy(minimax_model), cfg, AlgorithmConfig())
-    stepped = learner.train_step(batch, return_logprobs=True)["_logprobs"]  # the forward before the update
+    stepped = learner.train_step(batch, return_logprobs=True).logprobs  # the forward before the update
     error = float((stepped - replayed)[mask].abs().max())
     print(f"train_step log-probs vs the replayed reference: max |diff| {error:.2e}")
     assert error < 1e-6  # measured 0: same routing, same weights, only the micro-batch split differs

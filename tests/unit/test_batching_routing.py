@@ -11,7 +11,7 @@ from cispo.core.config import TrainConfig
 from cispo.core.moe import NO_CHOICE
 from cispo.core.types import Sample
 from cispo.driver.batch import build_train_batch
-from cispo.driver.build import _engine_kwargs
+from cispo.driver.build import engine_kwargs
 
 LAYERS, TOP_K = 3, 2
 
@@ -88,8 +88,8 @@ def test_inconsistent_routing_is_rejected():
 def test_engine_kwargs_ask_the_hf_engine_to_record_routing_when_replay_is_on():
     cfg = TrainConfig()
     assert cfg.rollout.engine == "hf"
-    assert _engine_kwargs(cfg, Path("m"), 1)["record_routing"] is False
+    assert engine_kwargs(cfg, Path("m"), 1)["record_routing"] is False
     cfg.learner.routing_replay = True
-    assert _engine_kwargs(cfg, Path("m"), 1)["record_routing"] is True
+    assert engine_kwargs(cfg, Path("m"), 1)["record_routing"] is True
     cfg.rollout.engine = "vllm"  # it does not take the kwarg (and records nothing)
-    assert "record_routing" not in _engine_kwargs(cfg, Path("m"), 1)
+    assert "record_routing" not in engine_kwargs(cfg, Path("m"), 1)

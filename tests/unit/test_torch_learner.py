@@ -66,7 +66,7 @@ def test_micro_batching_gives_the_full_batch_update(normalizer):
             cfg=LearnerConfig(lr=1e-2, micro_batch_tokens=budget, warmup_steps=0),
             algorithm=algo,
         )
-        metrics = learner.train_step(batch)
+        metrics = learner.train_step(batch).metrics
         updated.append((m.state_dict(), metrics))
     assert len(token_budget_chunks(batch, 9)) == 6
     for key, value in updated[0][0].items():
@@ -111,7 +111,7 @@ def test_bf16_policy_with_a_tied_fp32_head_trains_and_pickles(tmp_path):
     before = head.weight.detach().clone()
     learner = build_learner("torch", model=model, cfg=LearnerConfig(lr=1e-2, warmup_steps=0),
                             algorithm=AlgorithmConfig())  # fmt: skip
-    metrics = learner.train_step(batch)
+    metrics = learner.train_step(batch).metrics
     assert torch.isfinite(torch.tensor(metrics["loss"]))
     assert head.weight is embedding.weight and not torch.equal(head.weight, before)
     pickle.loads(pickle.dumps(model))  # DeepSpeed ranks and Ray workers receive the policy pickled

@@ -1,0 +1,131 @@
+"""The rollout stage: prompt stream -> rollout engines -> decoded, scored samples; and held-out evaluation.
+
+It owns the data cursor (PromptStream), the rollout manager (Ray workers or an in-process engine), the
+reward scorer and the eval set. The loop asks it for a step's samples, for an evaluation, and to load new
+weights; nothing else touches the engines.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from cispo.core.config import TrainConfig
+from cispo.core.types import PromptGroup, Sample, SamplingParams
+from cispo.driver.data import PromptStream
+from rewards.base import RewardInput
+from rewards.scorer import RewardScorer
+
+
+class RolloutStage:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        tokenizer: Any,
+        manager: Any,
+        scorer: RewardScorer,
+        stream: PromptStream | None,
+        eval_set: list[PromptGroup],
+    ) -> None:
+        self.cfg, self.tokenizer, self.manager, self.scorer = cfg, tokenizer, manager, scorer
+        self.stream, self.eval_set = stream, eval_set
+        # A sample earns "correct" in evaluation when it gets every positive reward weight in full.
+        self.full_reward = sum(max(r.weight, 0.0) for r in cfg.reward.rewards)
+        # With one-step pipelining a rollout runs in a background thread; eval must not interleave with it.
+        self.lock = threading.Lock()
+
+    def sampling(self, budget: int, evaluation: bool = False) -> SamplingParams:
+        """Training sampling, or evaluation sampling: greedy when rollout.eval_temperature is 0."""
+        r = self.cfg.rollout
+        greedy = evaluation and r.eval_temperature == 0
+        temperature = r.eval_temperature if evaluation and not greedy else r.temperature
+        return SamplingParams(
+            max_new_tokens=budget,
+            temperature=1.0 if greedy else temperature,
+            top_p=1.0 if greedy else r.top_p,
+            top_k=1 if greedy else r.top_k,  # top-k 1 is exact greedy decoding
+            eos_token_ids=(self.tokenizer.eos_token_id,),
+            pad_token_id=self.tokenizer.pad_token_id,
+            repetition_stop_tokens=r.repetition_stop_tokens,
+            repetition_prob=r.repetition_prob,
+        )
+
+    def score(self, samples: list[Sample]) -> None:
+        """Decodes and scores samples in place (response_text, reward, reward_reason)."""
+        for s in samples:
+            s.response_text = self.tokenizer.decode(s.response_ids, skip_special_tokens=True)
+        # response_length feeds length-aware rewards (DAPO's overlong penalty) in tokens, not characters.
+        inputs = [
+            RewardInput(
+                s.prompt_text,
+                s.response_text,
+                s.reference,
+                {**s.metadata, "response_length": len(s.response_ids)},
+            )
+            for s in samples
+        ]
+        for sample, result in zip(samples, self.scorer.score(inputs)):
+            sample.reward, sample.reward_reason = float(result.score), result.reason
+
+    def collect(self, budget: int, learner_version: int) -> tuple[list[Sample], dict[str, float]]:
+        """One step's scored samples. With dynamic sampling (DAPO), groups whose rewards are all equal are
+        replaced by fresh ones for up to `dynamic_sampling_rounds` extra rounds."""
+        if self.stream is None:
+            raise RuntimeError("this rollout stage was built for evaluation only (no prompt stream)")
+        algo, wanted = self.cfg.algorithm, self.cfg.data.prompts_per_step
+        start, kept, seen = time.perf_counter(), [], []
+        for round_index in range(algo.dynamic_sampling_rounds + 1):
+            with self.lock:
+                groups = self.stream.next_groups(wanted - len(kept) // algo.group_size)
+                samples = self.manager.generate(groups, self.sampling(budget))
+                self.score(samples)
+            seen.extend(samples)
+            last_round = round_index == algo.dynamic_sampling_rounds
+            for i in range(0, len(samples), algo.group_size):
+                group = samples[i : i + algo.group_size]
+                if last_round or len({s.reward for s in group}) > 1:
+                    kept.extend(group)
+            if len(kept) >= wanted * algo.group_size:
+                break
+        metrics = rollout_metrics(seen, kept, learner_version)
+        metrics.update(self.scorer.metrics())
+        metrics["time/rollout_s"] = time.perf_counter() - start
+        return kept, metrics
+
+    def evaluate(self, budget: int) -> float:
+        """Held-out accuracy: the fraction of responses that earn the full reward."""
+        if not self.eval_set:
+            return float("nan")
+        with self.lock:
+            samples = self.manager.generate(self.eval_set, self.sampling(budget, evaluation=True))
+            self.score(samples)
+        return sum(s.reward >= self.full_reward - 1e-6 for s in samples) / len(samples)
+
+    def load_weights(self, weights: dict[str, Any], version: int) -> float:
+        """New policy weights to every engine; returns the seconds it took."""
+        return self.manager.update_weights(weights, version)
+
+    def close(self) -> None:
+        self.manager.shutdown()
+
+
+def rollout_metrics(seen: list[Sample], kept: list[Sample], learner_version: int) -> dict[str, float]:
+    lengths = np.array([len(s.response_ids) for s in kept], dtype=np.float64)
+    rewards = np.array([s.reward for s in kept], dtype=np.float64)
+    reasons = [s.finish_reason for s in kept]
+    return {
+        "reward/mean": float(rewards.mean()),
+        "reward/std": float(rewards.std()),
+        "response_length/mean": float(lengths.mean()),
+        "response_length/p99": float(np.percentile(lengths, 99)),
+        "response_length/max": float(lengths.max()),
+        "rollout/finish_eos": reasons.count("eos") / len(kept),
+        "rollout/finish_length": reasons.count("length") / len(kept),
+        "rollout/finish_repetition": reasons.count("repetition") / len(kept),
+        "rollout/samples_generated": float(len(seen)),
+        "rollout/new_tokens": float(sum(len(s.response_ids) for s in seen)),
+        "rollout/policy_lag": float(learner_version - min(s.policy_version for s in kept)),
+    }

@@ -1,0 +1,114 @@
+"""Start-up checks that run before any model is built or any warm start begins.
+
+Two kinds, both raising ValueError("config error at <key>: ...") so the CLI can print one line:
+- check_keys: every key of the composed config exists in the schema. Hydra's struct mode already rejects
+  `key=value` for unknown keys, but `+key=value` and `++key=value` add keys on purpose, so a typo such as
+  `+experiment.totl_steps=5` would otherwise be dropped silently and the run would do 500 steps.
+- check_plugins: names only a registry can resolve (loss, advantage, learner backend, engine, rewards),
+  the kwargs each is given against its signature, and backend-specific settings (a learner class may
+  define `check_config(LearnerConfig)`, as the DeepSpeed learner does for zero_stage).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import typing
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from cispo.algo.advantages import get_advantage
+from cispo.algo.losses import get_policy_loss
+from cispo.core.config import TrainConfig
+from cispo.learner import LEARNERS
+from rewards.registry import get_reward
+from rollout.engine import ENGINES
+
+# Arguments the learner derives itself (token weights from algorithm.normalizer and the batch's groups);
+# through loss_kwargs they would be silently overridden, so they are refused there.
+LOSS_RESERVED = ("token_weights", "normalizer", "group_ids")
+
+
+def _fail(key: str, message: str) -> ValueError:
+    return ValueError(f"config error at {key}: {message}")
+
+
+def check_keys(node: Mapping[str, Any], schema: type = TrainConfig, path: str = "") -> None:
+    """Rejects keys the schema does not declare, naming the full key and the closest declared one."""
+    hints = typing.get_type_hints(schema)
+    declared = [f.name for f in dataclasses.fields(schema)]
+    for key in node:
+        full = f"{path}{key}"
+        if key not in declared:
+            close = difflib.get_close_matches(str(key), declared, n=1)
+            where = path or "the top level"
+            hint = f"; did you mean {path}{close[0]}?" if close else f"; {where} has {declared}"
+            raise _fail(full, f"unknown key{hint}")
+        kind, value = hints[key], node[key]
+        if dataclasses.is_dataclass(kind) and isinstance(value, Mapping):
+            check_keys(value, kind, f"{full}.")
+        elif typing.get_origin(kind) is list and isinstance(value, typing.Sequence):
+            (item,) = typing.get_args(kind) or (None,)
+            if dataclasses.is_dataclass(item):
+                for index, element in enumerate(value):
+                    if isinstance(element, Mapping):
+                        check_keys(element, item, f"{full}[{index}].")
+
+
+def check_kwargs(
+    fn: Callable[..., Any], kwargs: Mapping[str, Any], key: str, skip: int, reserved: tuple[str, ...] = ()
+) -> None:
+    """`kwargs` must be keyword parameters of `fn` past its first `skip` positional ones."""
+    params = list(inspect.signature(fn).parameters.values())
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return
+    accepted = [
+        p.name
+        for p in params[skip:]
+        if p.kind is not inspect.Parameter.VAR_POSITIONAL and p.name not in reserved
+    ]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        name = getattr(fn, "__qualname__", repr(fn))
+        raise _fail(key, f"{name} takes no argument {unknown}; it accepts {accepted}")
+
+
+def check_clip_bounds(kwargs: Mapping[str, Any], key: str) -> None:
+    """Clip offsets keep their meaning: the lower bound 1 - eps_low stays in [0, 1], offsets are >= 0."""
+    if "eps_low" in kwargs and not 0.0 <= float(kwargs["eps_low"]) <= 1.0:
+        raise _fail(f"{key}.eps_low", f"must be in [0, 1] (lower bound 1 - eps_low), got {kwargs['eps_low']}")
+    for name in ("eps_high", "eps"):
+        if name in kwargs and float(kwargs[name]) < 0:
+            raise _fail(f"{key}.{name}", f"must be >= 0 (an offset from 1), got {kwargs[name]}")
+
+
+def check_plugins(cfg: TrainConfig) -> None:
+    algo = cfg.algorithm
+    loss = _resolve("algorithm.loss", get_policy_loss, algo.loss)
+    taken = sorted(set(algo.loss_kwargs) & set(LOSS_RESERVED))
+    if taken:
+        raise _fail(f"algorithm.loss_kwargs.{taken[0]}", "set by the learner (choose algorithm.normalizer)")
+    check_kwargs(loss, algo.loss_kwargs, "algorithm.loss_kwargs", skip=4, reserved=LOSS_RESERVED)
+    check_clip_bounds(algo.loss_kwargs, "algorithm.loss_kwargs")
+    advantage = _resolve("algorithm.advantage", get_advantage, algo.advantage)
+    check_kwargs(advantage, algo.advantage_kwargs, "algorithm.advantage_kwargs", skip=2)
+    learner = _resolve("learner.backend", LEARNERS.get, cfg.learner.backend)
+    if hasattr(learner, "check_config"):
+        try:
+            learner.check_config(cfg.learner)
+        except ValueError as err:
+            raise _fail("learner", str(err)) from None
+    _resolve("rollout.engine", ENGINES.get, cfg.rollout.engine)
+    for index, item in enumerate(cfg.reward.rewards):
+        try:
+            get_reward(item.name, **dict(item.kwargs))
+        except (ValueError, TypeError) as err:
+            raise _fail(f"reward.rewards[{index}]", str(err)) from None
+
+
+def _resolve(key: str, lookup: Callable[[str], Any], name: str) -> Any:
+    try:
+        return lookup(name)
+    except (ValueError, TypeError) as err:
+        raise _fail(key, str(err)) from None
