@@ -10,6 +10,7 @@ import json
 import math
 import os
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,8 @@ class Tracker:
                 id=_run_id(run_dir),
             )
         self.progress = None
-        if cfg.progress:
+        # The bar only draws in a terminal; under SLURM, nohup or a pipe, plain lines every log_every steps.
+        if cfg.progress and sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.progress = Progress(
@@ -84,6 +86,8 @@ class Tracker:
                 f"{metrics.get('throughput/tokens_per_s', 0):,.0f} tok/s"
             )
             self.progress.update(self.task, completed=step, status=status)
+        elif step % self.cfg.log_every == 0 and "reward/mean" in metrics:
+            print(progress_line(step, metrics), flush=True)
 
     def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         """A W&B table of sample completions (and a JSONL copy next to the metrics)."""
@@ -109,6 +113,15 @@ class Tracker:
         self._file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def progress_line(step: int, metrics: dict[str, float]) -> str:
+    return (
+        f"step {step}: reward {metrics.get('reward/mean', float('nan')):.3f}  "
+        f"eval {metrics.get('eval/accuracy', float('nan')):.3f}  "
+        f"{metrics.get('throughput/tokens_per_s', 0.0):,.0f} tok/s  "
+        f"{metrics.get('time/step_s', 0.0):.2f} s/step"
+    )
 
 
 def _finite(value: Any) -> Any:
