@@ -52,11 +52,18 @@ class ModelConfig:
     or a local save_pretrained directory / hub id."""
 
     name: str = "tiny_minimax"
-    tokenizer: str = "builtin:char"
+    # Empty: the model's own tokenizer (model.name's directory or hub id; the character tokenizer the
+    # tiny MiniMax is built around; SmolLM2's). Set it only to pair a model with a different one.
+    tokenizer: str = ""
     dtype: str = "float32"
     fp32_lm_head: bool = True
     arch: dict[str, Any] = field(default_factory=dict)
     warmstart: WarmstartConfig = field(default_factory=WarmstartConfig)
+
+    def tokenizer_spec(self) -> str:
+        """What load_tokenizer gets: model.tokenizer, or the model's own when that is empty."""
+        own = {"tiny_minimax": "builtin:char", "smollm2_gguf": "smollm2_gguf"}
+        return self.tokenizer or own.get(self.name, self.name)
 
     def __post_init__(self) -> None:
         _require(

@@ -59,7 +59,7 @@ def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
     """The initial policy and its tokenizer (seeded: the same config gives the same initial weights)."""
     torch.manual_seed(cfg.experiment.seed)
     torch.set_num_threads(cfg.learner.num_threads)
-    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    tokenizer = load_tokenizer(cfg.model.tokenizer_spec())
     return build_policy(cfg.model, tokenizer, seed=cfg.experiment.seed), tokenizer
 
 

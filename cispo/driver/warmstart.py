@@ -26,7 +26,11 @@ def cache_key(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> str:
     warm = asdict(model_cfg.warmstart)
     warm.pop("cache_dir")
     payload = {
-        "model": {k: v for k, v in asdict(model_cfg).items() if k != "warmstart"},
+        # The resolved tokenizer, so an empty model.tokenizer (the model's own) keys like its value.
+        "model": {
+            **{k: v for k, v in asdict(model_cfg).items() if k != "warmstart"},
+            "tokenizer": model_cfg.tokenizer_spec(),
+        },
         "warmstart": warm,
         "data": {
             k: getattr(data_cfg, k)

@@ -83,3 +83,11 @@ def test_cluster_keys_are_checked_against_the_ray_cluster():
     ):
         check_cluster(cfg, no_gpu)
     check_cluster(cfg, one_node + [{**one_node[0], "NodeManagerAddress": "10.0.0.2"}])
+
+
+def test_the_tokenizer_follows_the_model_unless_set():
+    assert to_train_config(composed()).model.tokenizer_spec() == "builtin:char"
+    assert to_train_config(composed("model.name=/ckpt/qwen")).model.tokenizer_spec() == "/ckpt/qwen"
+    assert to_train_config(composed("experiment=smollm2_gsm")).model.tokenizer_spec() == "smollm2_gguf"
+    set_explicitly = composed("model.name=/ckpt/qwen", "model.tokenizer=/tok/other")
+    assert to_train_config(set_explicitly).model.tokenizer_spec() == "/tok/other"
