@@ -9,6 +9,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,13 +43,25 @@ class RewardScorer:
     """``score(inputs)`` returns one combined RewardResult per input: ``sum(weight_i * score_i)``."""
 
     def __init__(
-        self, specs: list[RewardSpec], *, timeout_s: float = 10.0, strict: bool = False, max_workers: int = 2
+        self,
+        specs: list[RewardSpec],
+        *,
+        timeout_s: float = 10.0,
+        strict: bool = False,
+        max_workers: int = 2,
+        stop_error_fraction: float = 1.0,
     ) -> None:
+        """stop_error_fraction: when at least this fraction of one score() call's samples hit a reward
+        that raised, score() raises RewardError with the first failure's traceback and sample (1.0: only
+        when every sample failed; a plugin broken on every input must not train on zero rewards)."""
         if not specs:
             raise ValueError("RewardScorer: at least one RewardSpec is needed")
+        if max_workers < 1:
+            raise ValueError(f"RewardScorer: max_workers must be >= 1, got {max_workers}")
         self.specs = list(specs)
         self.rewards: list[LoadedReward] = [get_reward(s.name, **s.kwargs) for s in self.specs]
         self.timeout_s, self.strict, self.max_workers = timeout_s, strict, max_workers
+        self.stop_error_fraction = stop_error_fraction
         self._queue: queue.Queue[_Task] = queue.Queue()
         self._cond = threading.Condition()
         self._workers = 0
@@ -111,12 +124,27 @@ class RewardScorer:
             self._counts[f"reward/{name}/zero"] += 1
         return t.result
 
+    def _stop_if_broken(self, tasks: list[_Task], inputs: list[RewardInput]) -> None:
+        failed = sorted({t.index for t in tasks if t.error is not None and not t.abandoned})
+        if not inputs or len(failed) < self.stop_error_fraction * len(inputs):
+            return
+        first = next(t for t in tasks if t.error is not None and not t.abandoned)
+        assert first.error is not None
+        trace = "".join(traceback.format_exception(first.error)).rstrip()
+        raise RewardError(
+            f"reward {self.specs[first.spec].name!r} failed on {len(failed)} of {len(inputs)} samples "
+            f"(reward.stop_error_fraction={self.stop_error_fraction}); "
+            f"first failure, on sample {first.index} "
+            f"(prompt {first.inp.prompt[:200]!r}, completion {first.inp.completion[:200]!r}):\n{trace}"
+        ) from first.error
+
     def score(self, inputs: list[RewardInput]) -> list[RewardResult]:
         """Combined results in input order; one failing sample or reward never loses the others."""
         tasks = [_Task(i, j, inp) for i, inp in enumerate(inputs) for j in range(len(self.rewards))]
         for t in tasks:
             self._queue.put(t)
         self._wait(tasks)
+        self._stop_if_broken(tasks, inputs)
         out: list[RewardResult] = []
         for i in range(len(inputs)):
             mine = tasks[i * len(self.rewards) : (i + 1) * len(self.rewards)]

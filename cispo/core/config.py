@@ -144,10 +144,15 @@ class RewardConfig:
     timeout_s: float = 10.0
     strict: bool = False
     max_workers: int = 2
+    # Stop the run (with the plugin's traceback and the sample) once this fraction of a step's samples
+    # hit a reward that raised; 1.0 stops only when every sample failed. reward/errors is always logged.
+    stop_error_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         _require(len(self.rewards) > 0, "reward.rewards", "needs at least one reward")
         _require(self.timeout_s > 0, "reward.timeout_s", "must be > 0")
+        _require(self.max_workers >= 1, "reward.max_workers", "must be >= 1 (0 would score nothing, forever)")
+        _require(0 < self.stop_error_fraction <= 1, "reward.stop_error_fraction", "must be in (0, 1]")
 
 
 @dataclass
@@ -243,6 +248,8 @@ class ExperimentConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     seed: int = 0
+    # Evaluate model.name on the held-out split and stop: no warm start, no training (`cispo-eval`).
+    eval_only: bool = False
 
     def __post_init__(self) -> None:
         _require(self.total_steps >= 0, "experiment.total_steps", "must be >= 0")

@@ -20,6 +20,7 @@ from cispo.algo.advantages import AdvantageFn, get_advantage
 from cispo.core.config import TrainConfig
 from cispo.driver.curriculum import LengthCurriculum
 from cispo.driver.data import PromptStream, eval_groups, load_split
+from cispo.driver.export import INIT_DIR
 from cispo.driver.policy import build_policy, count_parameters, load_tokenizer
 from cispo.driver.rollout_stage import RolloutStage
 from cispo.driver.tracking import Tracker
@@ -69,6 +70,7 @@ def build_scorer(cfg: TrainConfig) -> RewardScorer:
         timeout_s=cfg.reward.timeout_s,
         strict=cfg.reward.strict,
         max_workers=cfg.reward.max_workers,
+        stop_error_fraction=cfg.reward.stop_error_fraction,
     )
 
 
@@ -96,7 +98,16 @@ def build_eval_stage(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any) -
         {**engine_kwargs(cfg, None, cfg.learner.num_threads), "model": model},
     )
     eval_set = eval_groups(load_split(cfg.data, "eval"), tokenizer, cfg.data)
-    return RolloutStage(cfg, tokenizer, manager, build_scorer(cfg), None, eval_set)
+    return RolloutStage(cfg, tokenizer, manager, (build_scorer(cfg), build_scorer(cfg)), None, eval_set)
+
+
+def build_eval_only_stage(
+    cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, tokenizer: Any
+) -> RolloutStage:
+    """The rollout stage of `cispo-eval`: the configured engines over model.name, no prompt stream."""
+    manager = build_rollout_manager(cfg, save_initial_policy(run_dir, model, tokenizer, resumed=False))
+    eval_set = eval_groups(load_split(cfg.data, "eval"), tokenizer, cfg.data)
+    return RolloutStage(cfg, tokenizer, manager, (build_scorer(cfg), build_scorer(cfg)), None, eval_set)
 
 
 def start_ray(cfg: TrainConfig) -> None:
@@ -149,14 +160,23 @@ def build_rollout_manager(cfg: TrainConfig, model_dir: Path) -> Any:
     )
 
 
+def save_initial_policy(run_dir: Path, model: torch.nn.Module, tokenizer: Any, resumed: bool) -> Path:
+    """`<run dir>/policy_init`: what the engines load first, and the architecture and tokenizer every HF
+    export takes. Written once: on resume the model here is a fresh init, and the engines get the
+    checkpoint's weights by sync anyway."""
+    model_dir = run_dir / INIT_DIR
+    if not (resumed and (model_dir / "config.json").exists()):
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
 def build_stages(
-    cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, tokenizer: Any, tracker: Tracker
+    cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, tokenizer: Any, tracker: Tracker, resumed: bool
 ) -> tuple[Stages, dict[str, float]]:
     """The learner (taking `model`), the rollout stage (engines loading the saved initial policy), the
     curriculum; returns them with construction facts for the first metrics row."""
-    model_dir = run_dir / "policy_init"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_initial_policy(run_dir, model, tokenizer, resumed)
     learner = build_learner(
         cfg.learner.backend,
         model=model,
@@ -170,7 +190,7 @@ def build_stages(
     info = {"parameters": float(count_parameters(model)), "time/rollout_start_s": time.perf_counter() - start}
     stream = PromptStream(load_split(cfg.data, "train"), tokenizer, cfg.data, cfg.algorithm.group_size)
     eval_set = eval_groups(load_split(cfg.data, "eval"), tokenizer, cfg.data)
-    rollout = RolloutStage(cfg, tokenizer, manager, build_scorer(cfg), stream, eval_set)
+    rollout = RolloutStage(cfg, tokenizer, manager, (build_scorer(cfg), build_scorer(cfg)), stream, eval_set)
     curriculum = LengthCurriculum(cfg.curriculum, cfg.rollout.max_new_tokens)
     stages = Stages(rollout, learner, tracker, curriculum, get_advantage(cfg.algorithm.advantage))
     return stages, info

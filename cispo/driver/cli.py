@@ -57,5 +57,11 @@ def main() -> None:
     _hydra_main()
 
 
+def eval_main() -> None:
+    """`cispo-eval model.name=<path> ...`: held-out evaluation of a model, no training."""
+    sys.argv.append("experiment.eval_only=true")
+    main()
+
+
 if __name__ == "__main__":
     main()

@@ -14,8 +14,10 @@ import torch
 
 from cispo.core.config import TrainConfig
 from cispo.core.types import Sample
-from cispo.driver.build import Stages, build_model, build_stages, build_tracker
+from cispo.driver.build import Stages, build_eval_only_stage, build_model, build_stages, build_tracker
 from cispo.driver.checkpoint import find_resume_point, load_checkpoint, save_checkpoint
+from cispo.driver.curriculum import LengthCurriculum
+from cispo.driver.export import HF_DIR, INIT_DIR, export_hf
 from cispo.driver.tracking import plot_curves
 from cispo.driver.update import make_train_batch, train_keys, update_policy
 from cispo.driver.warmstart import warm_start_stage
@@ -73,7 +75,7 @@ def finish_step(
     """Eval, curriculum, logging and checkpoint for one step."""
     step = loop.step
     if cfg.experiment.eval_every and step % cfg.experiment.eval_every == 0:
-        loop.last_eval, metrics["eval/ran"] = stages.rollout.evaluate(stages.curriculum.budget), 1
+        metrics.update(evaluate(cfg, stages, loop))
     if stages.curriculum.observe(metrics["response_length/p99"]):
         stages.tracker.print(f"curriculum: step {step}, generation budget now {stages.curriculum.budget}")
     elapsed = time.perf_counter() - tick
@@ -90,11 +92,30 @@ def finish_step(
     if step % cfg.logging.table_every == 0 or step == 1:
         stages.tracker.log_samples(step, _table_rows(samples, cfg.logging.table_samples))
     if cfg.experiment.checkpoint_every and step % cfg.experiment.checkpoint_every == 0:
-        state = loop.state(stages)
-        save_checkpoint(stages.tracker.run_dir, step, stages.learner, state, cfg.experiment.keep_checkpoints)
+        run_dir = stages.tracker.run_dir
+        save_checkpoint(run_dir, step, stages.learner, loop.state(stages), cfg.experiment.keep_checkpoints)
+        export_policy(stages)
+
+
+def evaluate(cfg: TrainConfig, stages: Stages, loop: Loop) -> dict[str, float]:
+    """Held-out evaluation: its samples go to their own table, its numbers to eval/* keys only."""
+    result = stages.rollout.evaluate(stages.curriculum.budget)
+    loop.last_eval = result.accuracy
+    stages.tracker.log_samples(
+        loop.step, _table_rows(result.samples, cfg.logging.table_samples), table="eval"
+    )
+    return {"eval/accuracy": result.accuracy, "eval/ran": 1, **result.metrics}
+
+
+def export_policy(stages: Stages) -> None:
+    """The current policy in Hugging Face format under <run dir>/hf (replaced atomically)."""
+    run_dir = stages.tracker.run_dir
+    export_hf(stages.learner.state_dict_for_sync(), run_dir / INIT_DIR, run_dir / HF_DIR)
 
 
 def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
+    if cfg.experiment.eval_only:
+        return evaluate_only(cfg, run_dir)
     resume_from = find_resume_point(run_dir, cfg.resume)
     tracker = build_tracker(cfg, run_dir, resumed=resume_from is not None)
     model, tokenizer = build_model(cfg)
@@ -102,7 +123,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     info: dict[str, float] = {}
     if cfg.model.warmstart.enabled and resume_from is None:
         info.update(warm_start_stage(cfg, model, tokenizer, tracker.print))
-    stages, built = build_stages(cfg, run_dir, model, tokenizer, tracker)
+    stages, built = build_stages(cfg, run_dir, model, tokenizer, tracker, resumed=resume_from is not None)
     info.update(built)
     seconds = built["time/rollout_start_s"]
     tracker.print(f"policy: {info['parameters'] / 1e6:.2f}M parameters; rollout up in {seconds:.1f} s")
@@ -112,6 +133,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     started = time.perf_counter()
     try:
         run_loop(cfg, stages, loop, info)
+        export_policy(stages)
     finally:
         stages.close()
     if cfg.logging.plot:
@@ -124,13 +146,31 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     }
 
 
+def evaluate_only(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
+    """`cispo-eval`: model.name on the held-out split, written like a training run's evaluations
+    (metrics.jsonl row with eval/*, every generation in eval_samples.jsonl), with no training."""
+    tracker = build_tracker(cfg, run_dir, resumed=False)
+    model, tokenizer = build_model(cfg)
+    stage = build_eval_only_stage(cfg, run_dir, model, tokenizer)
+    try:
+        result = stage.evaluate(LengthCurriculum(cfg.curriculum, cfg.rollout.max_new_tokens).budget)
+        tracker.log(0, {"eval/accuracy": result.accuracy, "eval/ran": 1, "eval/final": 1, **result.metrics})
+        tracker.log_samples(0, _table_rows(result.samples, len(result.samples)), table="eval")
+    finally:
+        stage.close()
+        tracker.close()
+    tracker.print(
+        f"held-out accuracy of {cfg.model.name}: {result.accuracy:.4f} ({len(result.samples)} samples)"
+    )
+    return {"final_eval_accuracy": result.accuracy, "samples": float(len(result.samples))}
+
+
 def run_loop(cfg: TrainConfig, stages: Stages, loop: Loop, info: dict[str, float]) -> None:
     started, pool, pending = time.perf_counter(), ThreadPoolExecutor(max_workers=1), None
-    evaluate = bool(cfg.experiment.eval_every)
+    evaluating = bool(cfg.experiment.eval_every)
     try:
-        if loop.step == 0 and evaluate:
-            loop.last_eval = stages.rollout.evaluate(stages.curriculum.budget)
-            stages.tracker.log(0, {"eval/accuracy": loop.last_eval, "eval/ran": 1, **info})
+        if loop.step == 0 and evaluating:
+            stages.tracker.log(0, {**evaluate(cfg, stages, loop), **info})
         while loop.step < cfg.experiment.total_steps:
             loop.step += 1
             tick = time.perf_counter()
@@ -143,9 +183,10 @@ def run_loop(cfg: TrainConfig, stages: Stages, loop: Loop, info: dict[str, float
                 stages.tracker.print(f"stopping at step {loop.step}: experiment.max_time_s reached")
                 break
         _drain(pending)
-        if evaluate:
-            loop.last_eval = stages.rollout.evaluate(stages.curriculum.budget)
-        stages.tracker.log(loop.step, {"eval/accuracy": loop.last_eval, "eval/ran": 1, "eval/final": 1})
+        final = (
+            evaluate(cfg, stages, loop) if evaluating else {"eval/accuracy": loop.last_eval, "eval/ran": 1}
+        )
+        stages.tracker.log(loop.step, {**final, "eval/final": 1})
     finally:
         pool.shutdown(wait=True)
 

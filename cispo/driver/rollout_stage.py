@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,17 +21,29 @@ from rewards.base import RewardInput
 from rewards.scorer import RewardScorer
 
 
+@dataclass
+class EvalResult:
+    """One held-out evaluation: accuracy, the scored samples, and the eval scorer's own counters."""
+
+    accuracy: float
+    samples: list[Sample] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
 class RolloutStage:
     def __init__(
         self,
         cfg: TrainConfig,
         tokenizer: Any,
         manager: Any,
-        scorer: RewardScorer,
+        scorers: tuple[RewardScorer, RewardScorer],
         stream: PromptStream | None,
         eval_set: list[PromptGroup],
     ) -> None:
-        self.cfg, self.tokenizer, self.manager, self.scorer = cfg, tokenizer, manager, scorer
+        self.cfg, self.tokenizer, self.manager = cfg, tokenizer, manager
+        # Training and evaluation score with separate scorers, so eval samples never enter the counters
+        # that the next training step reports (reward/errors, per-reward means, ...).
+        self.scorer, self.eval_scorer = scorers
         self.stream, self.eval_set = stream, eval_set
         # A sample earns "correct" in evaluation when it gets every positive reward weight in full.
         self.full_reward = sum(max(r.weight, 0.0) for r in cfg.reward.rewards)
@@ -53,7 +66,7 @@ class RolloutStage:
             repetition_prob=r.repetition_prob,
         )
 
-    def score(self, samples: list[Sample]) -> None:
+    def score(self, samples: list[Sample], scorer: RewardScorer) -> None:
         """Decodes and scores samples in place (response_text, reward, reward_reason)."""
         for s in samples:
             s.response_text = self.tokenizer.decode(s.response_ids, skip_special_tokens=True)
@@ -67,7 +80,7 @@ class RolloutStage:
             )
             for s in samples
         ]
-        for sample, result in zip(samples, self.scorer.score(inputs)):
+        for sample, result in zip(samples, scorer.score(inputs)):
             sample.reward, sample.reward_reason = float(result.score), result.reason
 
     def collect(self, budget: int, learner_version: int) -> tuple[list[Sample], dict[str, float]]:
@@ -81,7 +94,7 @@ class RolloutStage:
             with self.lock:
                 groups = self.stream.next_groups(wanted - len(kept) // algo.group_size)
                 samples = self.manager.generate(groups, self.sampling(budget))
-                self.score(samples)
+                self.score(samples, self.scorer)
             seen.extend(samples)
             last_round = round_index == algo.dynamic_sampling_rounds
             for i in range(0, len(samples), algo.group_size):
@@ -95,14 +108,16 @@ class RolloutStage:
         metrics["time/rollout_s"] = time.perf_counter() - start
         return kept, metrics
 
-    def evaluate(self, budget: int) -> float:
+    def evaluate(self, budget: int) -> EvalResult:
         """Held-out accuracy: the fraction of responses that earn the full reward."""
         if not self.eval_set:
-            return float("nan")
+            return EvalResult(float("nan"))
         with self.lock:
             samples = self.manager.generate(self.eval_set, self.sampling(budget, evaluation=True))
-            self.score(samples)
-        return sum(s.reward >= self.full_reward - 1e-6 for s in samples) / len(samples)
+            self.score(samples, self.eval_scorer)
+        accuracy = sum(s.reward >= self.full_reward - 1e-6 for s in samples) / len(samples)
+        metrics = {f"eval/{key}": value for key, value in self.eval_scorer.metrics().items()}
+        return EvalResult(accuracy, samples, metrics)
 
     def load_weights(self, weights: dict[str, Any], version: int) -> float:
         """New policy weights to every engine; returns the seconds it took."""

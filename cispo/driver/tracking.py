@@ -89,17 +89,19 @@ class Tracker:
         elif step % self.cfg.log_every == 0 and "reward/mean" in metrics:
             print(progress_line(step, metrics), flush=True)
 
-    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
-        """A W&B table of sample completions (and a JSONL copy next to the metrics)."""
-        with (self.run_dir / "samples.jsonl").open("a") as f:
+    def log_samples(self, step: int, rows: list[dict[str, Any]], table: str = "samples") -> None:
+        """A W&B table of completions (and a JSONL copy next to the metrics): training samples in
+        `samples`, held-out evaluation generations in `eval` (eval_samples.jsonl)."""
+        name = "samples" if table == "samples" else f"{table}_samples"
+        with (self.run_dir / f"{name}.jsonl").open("a") as f:
             for row in rows:
                 f.write(json.dumps({"step": step, **row}) + "\n")
         if self.wandb is not None and rows:
             import wandb
 
             columns = list(rows[0])
-            table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
-            self.wandb.log({"samples": table}, step=step)
+            wandb_table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
+            self.wandb.log({name: wandb_table}, step=step)
 
     def print(self, message: str) -> None:
         if self.progress is not None:

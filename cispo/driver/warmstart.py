@@ -134,7 +134,7 @@ def warm_start_stage(
 
     def evaluate(m: torch.nn.Module) -> float:
         judge.load_weights(m.state_dict(), 0)
-        return judge.evaluate(budget)
+        return judge.evaluate(budget).accuracy
 
     try:
         rows = load_split(cfg.data, "train")

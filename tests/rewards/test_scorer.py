@@ -83,3 +83,28 @@ def test_empty_specs_and_unknown_reward_fail_at_construction() -> None:
         RewardScorer([])
     with pytest.raises(ValueError, match="unknown reward 'nope'"):
         RewardScorer([RewardSpec("nope")])
+
+
+def test_a_plugin_that_fails_on_every_sample_stops_with_its_traceback_and_sample() -> None:
+    scorer = RewardScorer([RewardSpec(f"{__name__}:raises_on_marker")])
+    with pytest.raises(RewardError) as err:
+        scorer.score(_inputs("BOOM 1", "BOOM 2"))
+    message = str(err.value)
+    assert "failed on 2 of 2 samples" in message and "completion 'BOOM 1'" in message
+    assert "Traceback" in message and "raise KeyError" in message and "KeyError: 'boom'" in message
+    assert isinstance(err.value.__cause__, KeyError)
+
+
+def test_stop_error_fraction_is_the_threshold() -> None:
+    default = RewardScorer([RewardSpec(f"{__name__}:raises_on_marker")])
+    assert [r.score for r in default.score(_inputs("BOOM", "ok"))] == [0.0, 0.5]  # half failed: go on
+    assert default.metrics()["reward/errors"] == 1.0
+    strict_half = RewardScorer([RewardSpec(f"{__name__}:raises_on_marker")], stop_error_fraction=0.5)
+    with pytest.raises(RewardError, match="failed on 1 of 2 samples"):
+        strict_half.score(_inputs("BOOM", "ok"))
+    assert [r.score for r in strict_half.score(_inputs("BOOM", "ok", "ok"))] == [0.0, 0.5, 0.5]
+
+
+def test_max_workers_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_workers must be >= 1"):
+        RewardScorer([RewardSpec("math")], max_workers=0)

@@ -89,7 +89,7 @@ class _Tok:
 @pytest.mark.parametrize(("eval_temperature", "greedy"), [(0.0, True), (0.7, False)])
 def test_eval_sampling_follows_rollout_eval_temperature(eval_temperature: float, greedy: bool):
     cfg = TrainConfig(rollout=RolloutConfig(temperature=1.0, top_k=5, eval_temperature=eval_temperature))
-    stage = RolloutStage(cfg, _Tok(), manager=None, scorer=None, stream=None, eval_set=[])
+    stage = RolloutStage(cfg, _Tok(), manager=None, scorers=(None, None), stream=None, eval_set=[])
     params = stage.sampling(budget=12, evaluation=True)
     assert params.max_new_tokens == 12
     assert (params.top_k, params.temperature) == ((1, 1.0) if greedy else (5, 0.7))
