@@ -226,8 +226,14 @@ class CurriculumConfig:
 
 @dataclass
 class LoggingConfig:
-    wandb: str = "auto"  # auto: online with an API key and a reachable server, offline otherwise
-    project: str = "cispo"
+    # auto: WANDB_MODE / WANDB_DISABLED if set, else online with an API key and a reachable server,
+    # offline otherwise (`wandb sync <run dir>/wandb/offline-run-*` uploads an offline run later)
+    wandb: str = "auto"
+    project: str = ""  # empty: $WANDB_PROJECT, else "cispo"
+    entity: str = ""  # empty: $WANDB_ENTITY, else your default entity
+    group: str = ""
+    tags: list[str] = field(default_factory=list)
+    run_name: str = ""  # empty: <experiment.name>-<run dir name>, unique per run directory
     log_every: int = 1  # a plain progress line every N steps when there is no progress bar
     table_every: int = 50
     table_samples: int = 8

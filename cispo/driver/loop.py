@@ -118,11 +118,15 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
         return evaluate_only(cfg, run_dir)
     resume_from = find_resume_point(run_dir, cfg.resume)
     tracker = build_tracker(cfg, run_dir, resumed=resume_from is not None)
+    tracker.print(
+        f"run dir {run_dir}; loading policy {cfg.model.name} (tokenizer {cfg.model.tokenizer_spec()})"
+    )
     model, tokenizer = build_model(cfg)
-    tracker.print(f"policy: {cfg.model.name}; run dir {run_dir}")
     info: dict[str, float] = {}
     if cfg.model.warmstart.enabled and resume_from is None:
         info.update(warm_start_stage(cfg, model, tokenizer, tracker.print))
+    where = "in-process" if cfg.rollout.backend == "local" else f"{cfg.rollout.num_workers} Ray worker(s)"
+    tracker.print(f"starting the {cfg.learner.backend} learner and the {cfg.rollout.engine} engine ({where})")
     stages, built = build_stages(cfg, run_dir, model, tokenizer, tracker, resumed=resume_from is not None)
     info.update(built)
     seconds = built["time/rollout_start_s"]

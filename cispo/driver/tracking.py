@@ -11,6 +11,7 @@ import math
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,15 @@ def _wandb_reachable(host: str = "api.wandb.ai", timeout: float = 1.5) -> bool:
 
 
 def resolve_wandb_mode(requested: str) -> str:
+    """logging.wandb when set explicitly; with "auto", W&B's own WANDB_MODE / WANDB_DISABLED when the
+    environment sets them, else online only with an API key and a server that answers."""
     if requested != "auto":
         return requested
+    if os.environ.get("WANDB_DISABLED", "").lower() in ("1", "true", "yes"):
+        return "disabled"
+    env = os.environ.get("WANDB_MODE", "").lower()
+    if env:
+        return {"dryrun": "offline", "run": "online"}.get(env, env)
     has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").exists()
     return "online" if has_key and _wandb_reachable() else "offline"
 
@@ -43,22 +51,15 @@ class Tracker:
         resumed: bool = False,
     ) -> None:
         self.cfg, self.run_dir = cfg, run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = run_dir / "metrics.jsonl"
         self._file = self.metrics_path.open("a" if resumed else "w")
+        # What the run says (stage messages, progress lines) also goes here, terminal or not.
+        self._log_file = (run_dir / "cli.log").open("a")
         self.wandb = None
         self.wandb_mode = resolve_wandb_mode(cfg.wandb)
         if self.wandb_mode != "disabled":
-            import wandb
-
-            self.wandb = wandb.init(
-                project=cfg.project,
-                name=run_name,
-                dir=str(run_dir),
-                config=config,
-                mode=self.wandb_mode,
-                resume="allow",
-                id=_run_id(run_dir),
-            )
+            self.wandb = self._start_wandb(run_name, config)
         self.progress = None
         # The bar only draws in a terminal; under SLURM, nohup or a pipe, plain lines every log_every steps.
         if cfg.progress and sys.stdout.isatty():
@@ -74,20 +75,42 @@ class Tracker:
             self.task = self.progress.add_task("train", total=total_steps, status="")
             self.progress.start()
 
+    def _start_wandb(self, experiment: str, config: dict[str, Any]) -> Any:
+        """W&B's own variables fill what the config leaves empty: WANDB_PROJECT, WANDB_ENTITY, WANDB_DIR."""
+        import wandb
+
+        cfg = self.cfg
+        return wandb.init(
+            project=cfg.project or os.environ.get("WANDB_PROJECT") or "cispo",
+            entity=cfg.entity or os.environ.get("WANDB_ENTITY") or None,
+            group=cfg.group or None,
+            tags=list(cfg.tags) or None,
+            name=cfg.run_name or f"{experiment}-{self.run_dir.name}",
+            dir=os.environ.get("WANDB_DIR") or str(self.run_dir),
+            config=config,
+            mode=self.wandb_mode,
+            resume="allow",
+            id=_run_id(self.run_dir),
+        )
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{k: _finite(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+        if "reward/mean" in metrics and step % self.cfg.log_every == 0:
+            line = progress_line(step, metrics)
+            if self.progress is None:
+                self.print(line)
+            else:
+                self._write_log(line)
         if self.progress is not None:
             status = (
                 f"reward {metrics.get('reward/mean', 0):.3f}  eval {metrics.get('eval/accuracy', 0):.3f}  "
                 f"{metrics.get('throughput/tokens_per_s', 0):,.0f} tok/s"
             )
             self.progress.update(self.task, completed=step, status=status)
-        elif step % self.cfg.log_every == 0 and "reward/mean" in metrics:
-            print(progress_line(step, metrics), flush=True)
 
     def log_samples(self, step: int, rows: list[dict[str, Any]], table: str = "samples") -> None:
         """A W&B table of completions (and a JSONL copy next to the metrics): training samples in
@@ -104,15 +127,22 @@ class Tracker:
             self.wandb.log({name: wandb_table}, step=step)
 
     def print(self, message: str) -> None:
+        """A message to the terminal (above the bar, if any), and to <run dir>/cli.log."""
         if self.progress is not None:
             self.progress.console.print(message)
         else:
             print(message, flush=True)
+        self._write_log(message)
+
+    def _write_log(self, message: str) -> None:
+        self._log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+        self._log_file.flush()
 
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
         self._file.close()
+        self._log_file.close()
         if self.wandb is not None:
             self.wandb.finish()
 

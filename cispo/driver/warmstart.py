@@ -129,6 +129,7 @@ def warm_start_stage(
     from cispo.driver.build import build_eval_stage
     from cispo.driver.curriculum import LengthCurriculum
 
+    log(f"warm start: supervised stage until held-out accuracy {cfg.model.warmstart.target_accuracy:.2f}")
     judge = build_eval_stage(cfg, model, tokenizer)
     budget = LengthCurriculum(cfg.curriculum, cfg.rollout.max_new_tokens).budget
 
