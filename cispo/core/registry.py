@@ -6,7 +6,9 @@ A name resolves, in order, to
 2. a built-in that is imported only when asked for (``lazy={"vllm": "rollout.vllm_engine:VllmEngine"}``,
    so a missing optional dependency only matters to whoever selects it),
 3. a ``package.module:attr`` path, imported where it is resolved: a DeepSpeed rank or a Ray worker that
-   receives the same string finds the same object, which a name registered only in the driver would not,
+   receives the same string finds the same object, which a name registered only in the driver would not;
+   or a ``path/to/file.py:attr`` path, loaded from that file (the CLI makes such paths absolute, and puts
+   the working directory on sys.path, so a module next to where you launch is found by name too),
 4. an entry point of the registry's group (``[project.entry-points."cispo.losses"]``), so other packages
    can ship plugins without touching this repository.
 
@@ -16,9 +18,13 @@ a different object under a taken name is an error naming both.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
+import sys
 from collections.abc import Callable
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
@@ -39,15 +45,44 @@ def _same(a: Any, b: Any) -> bool:
     )
 
 
+def is_file_path(name: str) -> bool:
+    return name.partition(":")[0].endswith(".py")
+
+
+def _import_file(file: str, kind: str, path: str) -> Any:
+    """A plugin file as a module, once per absolute path (its name in sys.modules is derived from it)."""
+    location = Path(file).expanduser().resolve()
+    if not location.is_file():
+        raise ValueError(f"{kind} {path!r}: no file {str(location)!r}")
+    name = f"cispo_plugin_{location.stem}_{hashlib.sha1(str(location).encode()).hexdigest()[:8]}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, location)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        del sys.modules[name]
+        raise ValueError(f"{kind} {path!r}: importing {str(location)!r} failed ({err!r})") from err
+    return module
+
+
 def import_path(path: str, kind: str = "object") -> Any:
-    """The object at ``package.module:attr`` (attr may be dotted); ValueError naming what is missing."""
+    """The object at ``package.module:attr`` or ``path/to/file.py:attr`` (attr may be dotted); ValueError
+    naming what is missing."""
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"{kind} path {path!r} must look like 'package.module:attr'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"{kind} {path!r}: cannot import module {module_name!r} ({err})") from err
+        forms = "'package.module:attr' or 'path/to/file.py:attr'"
+        raise ValueError(f"{kind} path {path!r} must look like {forms}")
+    if module_name.endswith(".py"):
+        obj: Any = _import_file(module_name, kind, path)
+    else:
+        try:
+            obj = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ValueError(f"{kind} {path!r}: cannot import module {module_name!r} ({err})") from err
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"{kind} {path!r}: module {module_name!r} has no attribute {attr!r}")

@@ -27,10 +27,11 @@ def to_train_config(cfg: DictConfig) -> TrainConfig:
     """The composed DictConfig as validated dataclasses: no key outside the schema (even one added with
     `+`), every __post_init__ value check, then every name a registry resolves. All of it runs before a
     model is built or a warm start begins."""
-    from cispo.driver.validate import check_keys, check_plugins
+    from cispo.driver.validate import absolute_plugin_paths, check_keys, check_plugins
 
     check_keys(cfg)
     train_cfg: TrainConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    absolute_plugin_paths(train_cfg)
     check_plugins(train_cfg)
     return train_cfg
 
@@ -53,6 +54,12 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    # Plugins named as modules next to where the run is launched (`reward.rewards=[{name:
+    # myrewards:score}]`) import without PYTHONPATH; the learner ranks and Ray workers get the same path.
+    cwd = os.getcwd()
+    if cwd not in sys.path:
+        sys.path.insert(0, cwd)
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (cwd, os.environ.get("PYTHONPATH", "")) if p)
     register_configs()
     _hydra_main()
 

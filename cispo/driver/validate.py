@@ -16,11 +16,13 @@ import difflib
 import inspect
 import typing
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from cispo.algo.advantages import get_advantage
 from cispo.algo.losses import get_policy_loss
 from cispo.core.config import TrainConfig
+from cispo.core.registry import is_file_path
 from cispo.learner import LEARNERS
 from rewards.registry import get_reward
 from rollout.engine import ENGINES
@@ -81,6 +83,22 @@ def check_clip_bounds(kwargs: Mapping[str, Any], key: str) -> None:
     for name in ("eps_high", "eps"):
         if name in kwargs and float(kwargs[name]) < 0:
             raise _fail(f"{key}.{name}", f"must be >= 0 (an offset from 1), got {kwargs[name]}")
+
+
+def absolute_plugin_paths(cfg: TrainConfig) -> None:
+    """`file.py:attr` names made absolute in place, so Ray workers and learner ranks, whose working
+    directories differ from the driver's, load the same file."""
+
+    def fix(name: str) -> str:
+        if not is_file_path(name):
+            return name
+        file, _, attr = name.partition(":")
+        return f"{Path(file).expanduser().resolve()}:{attr}"
+
+    cfg.algorithm.loss, cfg.algorithm.advantage = fix(cfg.algorithm.loss), fix(cfg.algorithm.advantage)
+    cfg.learner.backend, cfg.rollout.engine = fix(cfg.learner.backend), fix(cfg.rollout.engine)
+    for item in cfg.reward.rewards:
+        item.name = fix(item.name)
 
 
 def check_plugins(cfg: TrainConfig) -> None:
