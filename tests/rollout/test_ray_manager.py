@@ -7,6 +7,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,23 +76,42 @@ def test_weight_update_reaches_every_worker(manager):
     assert {tuple(s.response_ids) for s in samples} == {tuple(greedy_full_forward(learner, [5, 6, 7], 10))}
 
 
-def test_killing_a_worker_mid_batch_loses_and_duplicates_nothing(manager):
-    manager.update_weights(make_dense(seed=6).state_dict(), version=9)
-    groups = _groups(8, group_size=4, start=100)
-    params = SamplingParams(max_new_tokens=300)
-    result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(samples=manager.generate(groups, params)))
-    victim = manager.workers[0]
-    thread.start()
-    time.sleep(1.5)  # both shards are decoding (300 tokens x 16 rows take several seconds per worker)
-    assert thread.is_alive(), "the batch finished before the kill; raise max_new_tokens"
-    ray.kill(victim, no_restart=True)
-    thread.join(timeout=120)
-    samples = result["samples"]
-    _assert_complete(samples, groups)
-    assert Counter(s.group_index for s in samples) == {g.index: 4 for g in groups}
-    assert manager.last_timings["restarts"] == 1 and manager.workers[0] is not victim
-    assert {s.policy_version for s in samples} == {9}  # the restarted worker got the latest weights back
+def _wait_for(path: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.01)
+
+
+def test_killing_a_worker_mid_batch_loses_and_duplicates_nothing(ray_cluster, dense_model, tmp_path):
+    # The engine signals that decoding started and holds there, so the kill lands mid-batch on any machine.
+    engine = "tests.rollout.gated_engine:GatedHFEngine"
+    manager = RolloutManager(
+        engine, {"model": dense_model, "max_batch_size": 16, "gate_dir": str(tmp_path)}, num_workers=2
+    )
+    try:
+        manager.update_weights(make_dense(seed=6).state_dict(), version=9)
+        groups = _groups(8, group_size=4, start=100)
+        result: dict = {}
+        (tmp_path / "hold").touch()
+        thread = threading.Thread(
+            target=lambda: result.update(samples=manager.generate(groups, SamplingParams(max_new_tokens=16)))
+        )
+        victim = manager.workers[0]
+        victim_pid = ray.get(victim.ready.remote())
+        thread.start()
+        _wait_for(tmp_path / f"started-{victim_pid}")
+        ray.kill(victim, no_restart=True)
+        (tmp_path / "hold").unlink()
+        thread.join(timeout=300)
+        assert not thread.is_alive()
+        samples = result["samples"]
+        _assert_complete(samples, groups)
+        assert Counter(s.group_index for s in samples) == {g.index: 4 for g in groups}
+        assert manager.last_timings["restarts"] == 1 and manager.workers[0] is not victim
+        assert {s.policy_version for s in samples} == {9}  # the restarted worker got the latest weights back
+    finally:
+        manager.shutdown()
 
 
 def _free_port() -> int:
