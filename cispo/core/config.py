@@ -44,6 +44,8 @@ class WarmstartConfig:
         _require(0.0 <= self.target_accuracy <= 1.0, "model.warmstart.target_accuracy", "must be in [0, 1]")
         _require(self.max_steps >= 0 and self.batch_size > 0, "model.warmstart", "steps >= 0, batch_size > 0")
         _require(self.lr > 0, "model.warmstart.lr", "must be > 0")
+        _require(self.eval_every >= 1, "model.warmstart.eval_every", "must be >= 1")
+        _require(self.max_time_s > 0, "model.warmstart.max_time_s", "must be > 0")
 
 
 @dataclass
@@ -125,6 +127,16 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         _require(self.backend in ("ray", "local"), "rollout.backend", f"ray or local, got {self.backend!r}")
         _require(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
+        _require(self.num_cpus_per_worker > 0, "rollout.num_cpus_per_worker", "must be > 0")
+        _require(self.num_gpus_per_worker >= 0, "rollout.num_gpus_per_worker", "must be >= 0")
+        _require(self.threads_per_worker >= 1, "rollout.threads_per_worker", "must be >= 1")
+        _require(self.max_batch_size >= 1, "rollout.max_batch_size", "must be >= 1")
+        _require(self.top_k >= 0, "rollout.top_k", "must be >= 0 (0: no top-k)")
+        _require(self.repetition_stop_tokens >= 0, "rollout.repetition_stop_tokens", "must be >= 0 (0: off)")
+        _require(0 < self.repetition_prob < 1, "rollout.repetition_prob", "must be in (0, 1)")
+        _require(
+            self.dtype in ("float32", "bfloat16"), "rollout.dtype", f"float32 or bfloat16, got {self.dtype!r}"
+        )
         _require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
         _require(self.temperature > 0, "rollout.temperature", "must be > 0")
         _require(0 < self.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
@@ -176,6 +188,7 @@ class AlgorithmConfig:
         _require(self.normalizer in NORMALIZERS, "algorithm.normalizer", f"one of {list(NORMALIZERS)}")
         _require(self.group_size >= 2, "algorithm.group_size", "must be >= 2 for group advantages")
         _require(self.updates_per_batch >= 1, "algorithm.updates_per_batch", "must be >= 1")
+        _require(self.dynamic_sampling_rounds >= 0, "algorithm.dynamic_sampling_rounds", "must be >= 0")
 
 
 @dataclass
@@ -201,6 +214,17 @@ class LearnerConfig:
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "learner.lr", "must be > 0")
+        _require(
+            self.grad_clip >= 0, "learner.grad_clip", "must be >= 0 (0: no clipping); < 0 flips every update"
+        )
+        _require(self.adam_eps > 0, "learner.adam_eps", "must be > 0")
+        _require(all(0 <= b < 1 for b in self.betas), "learner.betas", "each in [0, 1)")
+        _require(self.weight_decay >= 0, "learner.weight_decay", "must be >= 0")
+        _require(self.warmup_steps >= 0, "learner.warmup_steps", "must be >= 0")
+        _require(self.logprob_chunk_size > 0, "learner.logprob_chunk_size", "must be > 0")
+        _require(self.num_threads >= 0, "learner.num_threads", "must be >= 0 (0: torch's default)")
+        _require(self.num_ranks >= 1, "learner.num_ranks", "must be >= 1")
+        _require(self.router_aux_loss_coef >= 0, "learner.router_aux_loss_coef", "must be >= 0")
         _require(self.schedule in ("constant", "cosine"), "learner.schedule", "constant or cosine")
         _require(self.micro_batch_tokens > 0, "learner.micro_batch_tokens", "must be > 0")
         _require(self.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "0, 1, 2 or 3")
@@ -222,6 +246,7 @@ class CurriculumConfig:
             _require(len(self.stages) > 0, "curriculum.stages", "needs at least one stage")
             _require(list(self.stages) == sorted(self.stages), "curriculum.stages", "must increase")
         _require(0 < self.advance_fraction <= 1, "curriculum.advance_fraction", "must be in (0, 1]")
+        _require(self.patience >= 1, "curriculum.patience", "must be >= 1")
 
 
 @dataclass
@@ -243,6 +268,8 @@ class LoggingConfig:
     def __post_init__(self) -> None:
         _require(self.wandb in WANDB_MODES, "logging.wandb", f"one of {list(WANDB_MODES)}")
         _require(self.log_every >= 1, "logging.log_every", "must be >= 1")
+        _require(self.table_every >= 1, "logging.table_every", "must be >= 1")
+        _require(self.table_samples >= 0, "logging.table_samples", "must be >= 0")
 
 
 @dataclass
@@ -259,7 +286,10 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         _require(self.total_steps >= 0, "experiment.total_steps", "must be >= 0")
-        _require(self.eval_every >= 0 and self.checkpoint_every >= 0, "experiment", "intervals must be >= 0")
+        _require(self.eval_every >= 0, "experiment.eval_every", "must be >= 0 (0: no evaluation)")
+        _require(self.checkpoint_every >= 0, "experiment.checkpoint_every", "must be >= 0 (0: none)")
+        _require(self.keep_checkpoints >= 0, "experiment.keep_checkpoints", "must be >= 0 (0: keep all)")
+        _require(self.max_time_s >= 0, "experiment.max_time_s", "must be >= 0 (0: no limit)")
 
 
 @dataclass

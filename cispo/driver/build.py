@@ -91,13 +91,15 @@ def engine_kwargs(cfg: TrainConfig, model_dir: Path | None, threads: int) -> dic
     return kwargs
 
 
-def build_eval_stage(cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any) -> RolloutStage:
+def build_eval_stage(
+    cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, eval_split: Any
+) -> RolloutStage:
     """An evaluation-only rollout stage over `model` itself, in this process (the warm start's judge)."""
     manager = LocalRolloutManager(
         cfg.rollout.engine,
         {**engine_kwargs(cfg, None, cfg.learner.num_threads), "model": model},
     )
-    eval_set = eval_groups(load_split(cfg.data, "eval"), tokenizer, cfg.data)
+    eval_set = eval_groups(eval_split, tokenizer, cfg.data)
     return RolloutStage(cfg, tokenizer, manager, (build_scorer(cfg), build_scorer(cfg)), None, eval_set)
 
 
@@ -172,7 +174,13 @@ def save_initial_policy(run_dir: Path, model: torch.nn.Module, tokenizer: Any, r
 
 
 def build_stages(
-    cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, tokenizer: Any, tracker: Tracker, resumed: bool
+    cfg: TrainConfig,
+    run_dir: Path,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    splits: tuple[Any, Any],
+    tracker: Tracker,
+    resumed: bool,
 ) -> tuple[Stages, dict[str, float]]:
     """The learner (taking `model`), the rollout stage (engines loading the saved initial policy), the
     curriculum; returns them with construction facts for the first metrics row."""
@@ -188,8 +196,8 @@ def build_stages(
     start = time.perf_counter()
     manager = build_rollout_manager(cfg, model_dir)
     info = {"parameters": float(count_parameters(model)), "time/rollout_start_s": time.perf_counter() - start}
-    stream = PromptStream(load_split(cfg.data, "train"), tokenizer, cfg.data, cfg.algorithm.group_size)
-    eval_set = eval_groups(load_split(cfg.data, "eval"), tokenizer, cfg.data)
+    stream = PromptStream(splits[0], tokenizer, cfg.data, cfg.algorithm.group_size)
+    eval_set = eval_groups(splits[1], tokenizer, cfg.data)
     rollout = RolloutStage(cfg, tokenizer, manager, (build_scorer(cfg), build_scorer(cfg)), stream, eval_set)
     curriculum = LengthCurriculum(cfg.curriculum, cfg.rollout.max_new_tokens)
     stages = Stages(rollout, learner, tracker, curriculum, get_advantage(cfg.algorithm.advantage))

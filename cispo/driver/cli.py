@@ -48,7 +48,13 @@ def _hydra_main(cfg: DictConfig) -> None:
     from cispo.driver.loop import train
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    result = train(train_cfg, run_dir)
+    try:
+        result = train(train_cfg, run_dir)
+    except ValueError as err:
+        if not str(err).startswith("config error"):
+            raise
+        print(f"cispo-train: {err}", file=sys.stderr)  # found while loading data or models: still one line
+        sys.exit(2)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
 

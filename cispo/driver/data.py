@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -55,7 +56,13 @@ def _file_rows(cfg: DataConfig, split: str) -> datasets.Dataset:
     if cfg.source == "hub":
         return datasets.load_dataset(cfg.path, split=cfg.split if split == "train" else "test")
     kind = "json" if cfg.source == "jsonl" else "parquet"
-    dataset = datasets.load_dataset(kind, data_files=cfg.path, split="train")
+    path = Path(cfg.path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"config error at data.path: no file {str(path)!r}")
+    if path.stat().st_size == 0:
+        # datasets' JSON builder fails on an empty file with a bare StopIteration.
+        raise ValueError(f"config error at data.path: {str(path)!r} is empty")
+    dataset = datasets.load_dataset(kind, data_files=str(path), split="train")
     n_eval = min(cfg.num_eval, len(dataset) // 5)
     # The last rows are held out: a file's order is the user's, so the split is predictable.
     return dataset.select(
@@ -102,6 +109,15 @@ def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
         rows = _reasoning_gym_rows(n, split, cfg.seed, cfg.generator, cfg.generator_kwargs)
         return datasets.Dataset.from_list(rows)
     return _normalise(_file_rows(cfg, split), cfg, origin=f"{cfg.source} dataset {cfg.path!r} ({split})")
+
+
+def load_splits(cfg: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """(train, eval), loaded once at start-up; an empty train split is a config error naming its source."""
+    train = load_split(cfg, "train")
+    if len(train) == 0:
+        where = f"data.path={cfg.path!r}" if cfg.path else f"data.source={cfg.source!r}"
+        raise ValueError(f"config error at data: the train split of {where} has no rows")
+    return train, load_split(cfg, "eval")
 
 
 class PromptStream:

@@ -17,6 +17,7 @@ from cispo.core.types import Sample
 from cispo.driver.build import Stages, build_eval_only_stage, build_model, build_stages, build_tracker
 from cispo.driver.checkpoint import find_resume_point, load_checkpoint, save_checkpoint
 from cispo.driver.curriculum import LengthCurriculum
+from cispo.driver.data import load_splits
 from cispo.driver.export import HF_DIR, INIT_DIR, export_hf
 from cispo.driver.tracking import plot_curves
 from cispo.driver.update import make_train_batch, train_keys, update_policy
@@ -118,16 +119,17 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
         return evaluate_only(cfg, run_dir)
     resume_from = find_resume_point(run_dir, cfg.resume)
     tracker = build_tracker(cfg, run_dir, resumed=resume_from is not None)
+    splits = load_splits(cfg.data)  # first: an empty or unreadable dataset fails before any model is built
     tracker.print(
         f"run dir {run_dir}; loading policy {cfg.model.name} (tokenizer {cfg.model.tokenizer_spec()})"
     )
     model, tokenizer = build_model(cfg)
     info: dict[str, float] = {}
     if cfg.model.warmstart.enabled and resume_from is None:
-        info.update(warm_start_stage(cfg, model, tokenizer, tracker.print))
+        info.update(warm_start_stage(cfg, model, tokenizer, splits, tracker.print))
     where = "in-process" if cfg.rollout.backend == "local" else f"{cfg.rollout.num_workers} Ray worker(s)"
     tracker.print(f"starting the {cfg.learner.backend} learner and the {cfg.rollout.engine} engine ({where})")
-    stages, built = build_stages(cfg, run_dir, model, tokenizer, tracker, resumed=resume_from is not None)
+    stages, built = build_stages(cfg, run_dir, model, tokenizer, splits, tracker, resume_from is not None)
     info.update(built)
     seconds = built["time/rollout_start_s"]
     tracker.print(f"policy: {info['parameters'] / 1e6:.2f}M parameters; rollout up in {seconds:.1f} s")

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from cispo.core.config import DataConfig, ModelConfig, TrainConfig
-from cispo.driver.data import encode_prompt, load_split
+from cispo.driver.data import encode_prompt
 
 
 def cache_key(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> str:
@@ -122,7 +122,11 @@ def supervised_warmstart(
 
 
 def warm_start_stage(
-    cfg: TrainConfig, model: torch.nn.Module, tokenizer: Any, log: Callable[[str], None]
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    splits: tuple[Any, Any],
+    log: Callable[[str], None],
 ) -> dict[str, float]:
     """The supervised warm start as a stage of its own, before the RL loop: trains `model` in place (or
     loads it from the cache), judged by an in-process evaluation stage that is closed afterwards."""
@@ -130,7 +134,7 @@ def warm_start_stage(
     from cispo.driver.curriculum import LengthCurriculum
 
     log(f"warm start: supervised stage until held-out accuracy {cfg.model.warmstart.target_accuracy:.2f}")
-    judge = build_eval_stage(cfg, model, tokenizer)
+    judge = build_eval_stage(cfg, model, tokenizer, splits[1])
     budget = LengthCurriculum(cfg.curriculum, cfg.rollout.max_new_tokens).budget
 
     def evaluate(m: torch.nn.Module) -> float:
@@ -138,9 +142,8 @@ def warm_start_stage(
         return judge.evaluate(budget).accuracy
 
     try:
-        rows = load_split(cfg.data, "train")
         result = supervised_warmstart(
-            model, tokenizer, rows, evaluate, cfg.model, cfg.data, cfg.experiment.seed, log=log
+            model, tokenizer, splits[0], evaluate, cfg.model, cfg.data, cfg.experiment.seed, log=log
         )
     finally:
         judge.close()

@@ -91,3 +91,56 @@ def test_the_tokenizer_follows_the_model_unless_set():
     assert to_train_config(composed("experiment=smollm2_gsm")).model.tokenizer_spec() == "smollm2_gguf"
     set_explicitly = composed("model.name=/ckpt/qwen", "model.tokenizer=/tok/other")
     assert to_train_config(set_explicitly).model.tokenizer_spec() == "/tok/other"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "learner.grad_clip=-1",
+            r"learner\.grad_clip: must be >= 0 \(0: no clipping\); < 0 flips every update",
+        ),
+        ("learner.adam_eps=0", r"learner\.adam_eps: must be > 0"),
+        ("learner.betas=[0.9,1.0]", r"learner\.betas: each in \[0, 1\)"),
+        ("learner.warmup_steps=-1", r"learner\.warmup_steps: must be >= 0"),
+        ("learner.num_ranks=0", r"learner\.num_ranks: must be >= 1"),
+        ("reward.max_workers=0", r"reward\.max_workers: must be >= 1"),
+        ("reward.stop_error_fraction=0", r"reward\.stop_error_fraction: must be in \(0, 1\]"),
+        ("rollout.threads_per_worker=0", r"rollout\.threads_per_worker: must be >= 1"),
+        ("rollout.repetition_prob=1.0", r"rollout\.repetition_prob: must be in \(0, 1\)"),
+        ("rollout.dtype=float16", r"rollout\.dtype: float32 or bfloat16"),
+        ("algorithm.dynamic_sampling_rounds=-1", r"algorithm\.dynamic_sampling_rounds: must be >= 0"),
+        ("experiment.keep_checkpoints=-1", r"experiment\.keep_checkpoints: must be >= 0"),
+        ("curriculum.patience=0", r"curriculum\.patience: must be >= 1"),
+        ("logging.log_every=0", r"logging\.log_every: must be >= 1"),
+        ("model.warmstart.eval_every=0", r"model\.warmstart\.eval_every: must be >= 1"),
+    ],
+)
+def test_values_that_pass_types_but_do_harm_are_refused(override: str, message: str):
+    with pytest.raises(ValueError, match=message):
+        to_train_config(composed(override))
+
+
+@pytest.mark.parametrize(("content", "message"), [("", "is empty"), (None, "no file")])
+def test_an_empty_or_missing_dataset_is_a_config_error(tmp_path: Path, content: str | None, message: str):
+    from cispo.driver.data import load_splits
+
+    path = tmp_path / "rows.jsonl"
+    if content is not None:
+        path.write_text(content)
+    cfg = to_train_config(composed("data.source=jsonl", f"data.path={path}"))
+    with pytest.raises(ValueError, match=f"config error at data.path: .*{message}"):
+        load_splits(cfg.data)
+
+
+def test_a_dataset_whose_rows_all_go_to_eval_leaves_no_train_rows(tmp_path: Path):
+    from cispo.driver.data import load_splits
+
+    cfg = to_train_config(
+        composed("data.source=reasoning_gym", "data.generator=basic_arithmetic", "data.num_train=1")
+    )
+    cfg.data.num_train = 0  # past validation on purpose: the loader is the last line of defence
+    with pytest.raises(
+        ValueError, match="config error at data: the train split of data.source='reasoning_gym'"
+    ):
+        load_splits(cfg.data)
