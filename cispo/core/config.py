@@ -204,6 +204,8 @@ class LearnerConfig:
     micro_batch_tokens: int = 16384
     logprob_chunk_size: int = 1024
     num_threads: int = 2
+    # Updates with a non-finite loss or gradient norm are skipped; this many in a row stop the run.
+    max_nonfinite_steps: int = 3
     router_aux_loss_coef: float = 0.0
     routing_replay: bool = False
     packing: bool = False  # dense models only: the hybrid MiniMax's linear attention cannot be packed
@@ -224,6 +226,7 @@ class LearnerConfig:
         _require(self.logprob_chunk_size > 0, "learner.logprob_chunk_size", "must be > 0")
         _require(self.num_threads >= 0, "learner.num_threads", "must be >= 0 (0: torch's default)")
         _require(self.num_ranks >= 1, "learner.num_ranks", "must be >= 1")
+        _require(self.max_nonfinite_steps >= 1, "learner.max_nonfinite_steps", "must be >= 1")
         _require(self.router_aux_loss_coef >= 0, "learner.router_aux_loss_coef", "must be >= 0")
         _require(self.schedule in ("constant", "cosine"), "learner.schedule", "constant or cosine")
         _require(self.micro_batch_tokens > 0, "learner.micro_batch_tokens", "must be > 0")

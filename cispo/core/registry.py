@@ -36,12 +36,15 @@ def _describe(obj: Any) -> str:
 
 
 def _same(a: Any, b: Any) -> bool:
-    # A module imported twice (a reload, or run as __main__ and imported) re-creates its functions: the
-    # same definition, so the same plugin.
+    # A module imported twice (a reload, or run as __main__ and imported) re-creates its top-level
+    # functions and classes: the same definition, so the same plugin. Lambdas and closures
+    # ("<lambda>", "f.<locals>.g") share a qualified name across different objects, so they never match.
+    qualname = getattr(a, "__qualname__", None)
     return a is b or (
-        getattr(a, "__qualname__", None) is not None
+        qualname is not None
+        and "<" not in qualname
         and getattr(a, "__module__", None) == getattr(b, "__module__", None)
-        and a.__qualname__ == b.__qualname__
+        and qualname == getattr(b, "__qualname__", None)
     )
 
 
@@ -110,7 +113,8 @@ class Registry(Generic[T]):
                     f"cannot register {_describe(target)} under the same name"
                 )
             self._entries[name] = target
-            self._metadata[name] = metadata
+            if metadata or taken is None:  # a plain re-registration keeps the metadata it had
+                self._metadata[name] = metadata
             return target
 
         return add if obj is None else add(obj)
@@ -135,7 +139,7 @@ class Registry(Generic[T]):
         if name in self._lazy:
             obj = import_path(self._lazy[name], self.kind)
             # The module may have registered it under this name on import; if not, register it now.
-            return self._entries.get(name) or self.register(name, obj)
+            return self._entries[name] if name in self._entries else self.register(name, obj)
         if ":" in name:
             return import_path(name, self.kind)
         for ep in entry_points(group=self.group):

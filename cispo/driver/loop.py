@@ -20,16 +20,17 @@ from cispo.driver.curriculum import LengthCurriculum
 from cispo.driver.data import load_splits
 from cispo.driver.export import HF_DIR, INIT_DIR, export_hf
 from cispo.driver.tracking import plot_curves
-from cispo.driver.update import make_train_batch, train_keys, update_policy
+from cispo.driver.update import NonFiniteGuard, make_train_batch, train_keys, update_policy
 from cispo.driver.warmstart import warm_start_stage
 
 
 class Loop:
     """The loop's own state, all of it checkpointed: step, last eval, the minibatch shuffling RNG."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, max_nonfinite_steps: int = 3) -> None:
         self.step, self.last_eval = 0, float("nan")
         self.generator = torch.Generator().manual_seed(seed)
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
 
     def state(self, stages: Stages) -> dict:
         return {
@@ -59,7 +60,7 @@ def learn(cfg: TrainConfig, stages: Stages, samples: list[Sample], loop: Loop) -
     batch, metrics = make_train_batch(samples, cfg.algorithm, stages.advantage_fn, pad)
     metrics.update(dict.fromkeys(train_keys(cfg.algorithm.loss), float("nan")))
     if batch is not None:
-        metrics.update(update_policy(stages.learner, batch, cfg.algorithm, loop.generator))
+        metrics.update(update_policy(stages.learner, batch, cfg.algorithm, loop.generator, loop.nonfinite))
         weights = stages.learner.state_dict_for_sync()
         metrics["time/weight_sync_s"] = stages.rollout.load_weights(weights, stages.learner.version)
     return metrics
@@ -133,7 +134,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     info.update(built)
     seconds = built["time/rollout_start_s"]
     tracker.print(f"policy: {info['parameters'] / 1e6:.2f}M parameters; rollout up in {seconds:.1f} s")
-    loop = Loop(cfg.experiment.seed)
+    loop = Loop(cfg.experiment.seed, cfg.learner.max_nonfinite_steps)
     if resume_from is not None:
         loop.restore(stages, resume_from)
     started = time.perf_counter()

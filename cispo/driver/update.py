@@ -21,7 +21,30 @@ from cispo.core.types import Sample, TrainBatch
 from cispo.driver.batch import build_train_batch, split_minibatches
 from cispo.learner import Learner
 
-ACTOR_KEYS = ("grad_norm", "lr", "router_aux_loss")
+ACTOR_KEYS = ("grad_norm", "lr", "router_aux_loss", "skipped_frac")
+
+
+class NonFiniteUpdates(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+class NonFiniteGuard:
+    """Counts consecutive skipped (non-finite) updates across steps; raises after `limit` in a row."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.in_a_row, self.total = limit, 0, 0
+
+    def observe(self, metrics: dict[str, float]) -> None:
+        if metrics.get("skipped_frac", 0.0) > 0:
+            self.in_a_row, self.total = self.in_a_row + 1, self.total + 1
+        else:
+            self.in_a_row = 0
+        if self.in_a_row >= self.limit:
+            raise NonFiniteUpdates(
+                f"{self.in_a_row} optimizer steps in a row had a non-finite loss or gradient norm "
+                f"(learner.max_nonfinite_steps={self.limit}); they were skipped, nothing non-finite was "
+                "checkpointed. Lower learner.lr or check the reward and advantages."
+            )
 
 
 def loss_prefix(loss_name: str) -> str:
@@ -67,7 +90,11 @@ def make_train_batch(
 
 
 def update_policy(
-    learner: Learner, batch: TrainBatch, algo: AlgorithmConfig, generator: torch.Generator
+    learner: Learner,
+    batch: TrainBatch,
+    algo: AlgorithmConfig,
+    generator: torch.Generator,
+    guard: NonFiniteGuard | None = None,
 ) -> dict[str, float]:
     """K minibatch updates; the first minibatch's forward (before any update) gives the train/infer check."""
     start, per_minibatch, checks = time.perf_counter(), [], {}
@@ -77,6 +104,8 @@ def update_policy(
             mask = minibatch.response_mask.bool()
             checks = train_infer_metrics(result.logprobs[mask], minibatch.old_logprobs[mask])
         per_minibatch.append(result.metrics)
+        if guard is not None:
+            guard.observe(result.metrics)
     combined = combine_metrics(per_minibatch)
     prefix = loss_prefix(algo.loss)
     out = {

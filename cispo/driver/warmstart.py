@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -84,11 +86,9 @@ def supervised_warmstart(
     """
     cfg = model_cfg.warmstart
     directory = Path(cfg.resolved_cache_dir()).expanduser() / cache_key(model_cfg, data_cfg, seed)
-    if (directory / "weights.pt").exists():
-        model.load_state_dict(torch.load(directory / "weights.pt", map_location="cpu"))
-        meta = json.loads((directory / "meta.json").read_text())
-        log(f"warm start: loaded from cache {directory} (held-out accuracy {meta['accuracy']:.3f})")
-        return {**meta, "cached": 1.0}
+    cached = _load_cached(directory, model, log)
+    if cached is not None:
+        return cached
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
     rng = random.Random(seed)
     start, accuracy, step = time.monotonic(), evaluate(model), 0
@@ -115,10 +115,39 @@ def supervised_warmstart(
             "RL from a policy that is never right gets no reward signal"
         )
         return {**meta, "cached": 0.0}
-    directory.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), directory / "weights.pt")
-    (directory / "meta.json").write_text(json.dumps(meta))
+    _store(directory, model, meta)
     return {**meta, "cached": 0.0}
+
+
+def _load_cached(
+    directory: Path, model: torch.nn.Module, log: Callable[[str], None]
+) -> dict[str, float] | None:
+    """The cached warm start, or None; an unreadable entry (a run killed mid-write before writes were
+    atomic, a disk error) is reported and ignored, so it never breaks a later run."""
+    if not directory.exists():
+        return None
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        model.load_state_dict(torch.load(directory / "weights.pt", map_location="cpu"))
+    except (OSError, ValueError, RuntimeError, EOFError, KeyError) as err:
+        log(f"warning: warm-start cache {directory} is unreadable ({err}); training it again")
+        return None
+    log(f"warm start: loaded from cache {directory} (held-out accuracy {meta['accuracy']:.3f})")
+    return {**meta, "cached": 1.0}
+
+
+def _store(directory: Path, model: torch.nn.Module, meta: dict[str, float]) -> None:
+    """Written to a temporary sibling and renamed into place: the cache entry is whole or absent."""
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        torch.save(model.state_dict(), tmp / "weights.pt")
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        shutil.rmtree(directory, ignore_errors=True)  # an unreadable old entry
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def warm_start_stage(

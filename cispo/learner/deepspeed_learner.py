@@ -273,6 +273,9 @@ class DeepSpeedLearner:
     def state_dict_for_sync(self) -> dict[str, torch.Tensor]:
         return dict(self.iter_weights_for_sync())
 
+    def weights_finite(self) -> bool:
+        return all(self._broadcast([("finite",)] * self.world))
+
     def save(self, directory: str) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
         self._broadcast([("save", str(Path(directory).resolve()), self.version)] * self.world)

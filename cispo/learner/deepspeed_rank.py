@@ -15,6 +15,7 @@ weights stream out faster than the driver consumes them.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pickle
 import traceback
@@ -165,8 +166,19 @@ class RankServer:
             if not dummy:
                 step.add(metrics, loss, share)
             seen.append(logprobs.detach().cpu() if return_logprobs else None)
+        # Every rank must agree before the step; DeepSpeed has no fp32 "skip this step", so a non-finite
+        # loss anywhere stops the learner with its weights as they were (nothing NaN is ever applied).
+        finite = torch.tensor([1.0 if math.isfinite(step.loss) else 0.0])
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if finite.item() < 1:
+            raise FloatingPointError("non-finite loss on the deepspeed learner; the step was not applied")
         self.engine.step()
         return step, float(self.engine.get_global_grad_norm() or 0.0), lr, seen
+
+    def weights_finite(self) -> bool:
+        """This rank's share of the weights (its ZeRO-3 partition, or the full ZeRO-2 copy) is finite."""
+        tensors = [getattr(p, "ds_tensor", p.data) for p in self.policy.parameters()]
+        return all(bool(torch.isfinite(t).all()) for t in tensors if t.numel())
 
     @torch.no_grad()
     def logprobs(self, parts: list[TrainBatch]) -> list[Tensor]:
@@ -211,6 +223,8 @@ class RankServer:
             return self.train(*args)
         if kind == "logprobs":
             return self.logprobs(*args)
+        if kind == "finite":
+            return self.weights_finite()
         if kind == "save":
             self.engine.save_checkpoint(args[0], tag="learner", client_state={"version": args[1]})
             return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -91,15 +92,24 @@ class TorchLearner:
             parts.add(metrics, loss, share)
             if seen_logprobs is not None:
                 seen_logprobs[rows, : part.input_ids.shape[1]] = logprobs.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.model.parameters(), self.cfg.grad_clip or float("inf")
+        grad_norm = float(
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
         )
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.scheduler.step()
+        # A non-finite loss or gradient norm would write NaN into the weights: skip the update instead
+        # (the driver counts skips and stops the run after learner.max_nonfinite_steps in a row).
+        finite = math.isfinite(parts.loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.version += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.version += 1
-        return StepResult(parts.result(float(grad_norm), lr), seen_logprobs)
+        metrics = parts.result(grad_norm, lr)
+        metrics["skipped_frac"] = 0.0 if finite else 1.0
+        return StepResult(metrics, seen_logprobs)
+
+    def weights_finite(self) -> bool:
+        return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
 
     def state_dict_for_sync(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.model.state_dict().items()}
@@ -126,4 +136,3 @@ class TorchLearner:
 
     def close(self) -> None:
         pass
-

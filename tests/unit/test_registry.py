@@ -302,3 +302,26 @@ def test_the_project_registries_are_the_ones_the_getters_use(monkeypatch):
     assert get_sandbox("test_probe", c=3) == {"c": 3}
     assert made == [{"a": 1}, {"b": 2}, {"c": 3}]
     assert get_reward("test_probe")(RewardInput("q", "a", reference="a")).score == 0.5
+
+
+def test_closures_and_lambdas_with_one_name_are_different_objects():
+    def make(k: int):
+        def scaled(x: float) -> float:
+            return k * x
+
+        return scaled
+
+    registry = Registry("thing", "cispo.tests_nothing")
+    registry.register("scaled", make(1))
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("scaled", make(2))
+    registry.register("anon", lambda x: x)
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register("anon", lambda x: -x)
+
+
+def test_a_plain_re_registration_keeps_the_metadata():
+    registry = Registry("thing", "cispo.tests_nothing")
+    registry.register("ranged", json.dumps, low=-1.0, high=0.0)
+    registry.register("ranged", json.dumps)
+    assert registry.metadata("ranged") == {"low": -1.0, "high": 0.0}
