@@ -8,18 +8,22 @@ lost or duplicated. LocalRolloutManager has the same interface with the engine i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from collections import deque
 from typing import Any
 
 import torch
 
 from cispo.core.types import Generation, PromptGroup, Sample, SamplingParams
 from rollout.engine import build_engine
-from rollout.weight_sync import ObjectStoreWeightSync
+from rollout.weight_sync import ObjectStoreWeightSync, to_cpu_state_dict
 from rollout.worker import RolloutWorker
 
 log = logging.getLogger(__name__)
+
+Pending = dict[Any, tuple[int, float]]  # in-flight generate call -> (shard, deadline)
 
 
 def expand_groups(groups: list[PromptGroup]) -> list[list[int]]:
@@ -65,6 +69,13 @@ def shard_groups(groups: list[PromptGroup], num_shards: int) -> list[list[Prompt
     return [s for s in shards if s]
 
 
+def slot_params(params: SamplingParams, slot: int) -> SamplingParams:
+    """A seeded request's seed for worker slot `slot`: distinct streams per worker, reproducible per call."""
+    if params.seed is None:
+        return params
+    return dataclasses.replace(params, seed=(params.seed * 1_000_003 + slot) % 2**63)
+
+
 def generation_timings(start: float, samples: list[Sample]) -> dict[str, float]:
     elapsed = time.perf_counter() - start
     new_tokens = sum(len(s.response_ids) for s in samples)
@@ -102,7 +113,25 @@ class LocalRolloutManager:
 
 
 class RolloutManager:
-    """N RolloutWorker actors behind one generate() call.
+    """N RolloutWorker actors behind one generate() call, each in a numbered slot, none allowed to hang it.
+
+    Every wait on a worker is bounded. A generate shard gets `worker_timeout_s` from its submission, a
+    weight load `worker_timeout_s`, a fresh worker `start_timeout_s` to come up with the latest weights. A
+    worker that dies, or does not answer in time (frozen: SIGSTOP, a hung kernel), is killed (ray.kill; Ray
+    also SIGKILLs a stopped process), restarted with the latest weights, and its shard resubmitted to the
+    same slot with the same slot seed (`slot_params`): a seeded request samples what the lost worker would
+    have, and a shard's result is taken exactly once.
+
+    The restart budget is per slot and per sliding window: a slot may restart `max_restarts` times within
+    any `restart_window_s` seconds (0: within the whole run); one more restart stops the run with a
+    RuntimeError naming the slot, the budget and the last failure. A window rather than a per-run count:
+    a long run sees occasional deaths (a preempted node, a transient OOM) that a per-run budget of a few
+    would turn into a dead run after days, while a crash loop (a worker that dies on every shard) still
+    spends its budget within minutes. Failed restarts count too.
+
+    `last_timings` after generate(): generate_s, new_tokens, tokens_per_s, worker_generate_s_max,
+    weight_sync_s; `restarts` and `timeouts` since the previous generate() (so those during a weight sync
+    show up once, in the next generate); `restarts_total` and `timeouts_total` over the manager's life.
 
     The caller owns ray.init; when Ray is not initialised yet the manager starts a small local instance.
     """
@@ -114,45 +143,103 @@ class RolloutManager:
         num_workers: int = 1,
         num_cpus_per_worker: float = 1,
         num_gpus_per_worker: float = 0,
-        max_restarts: int = 2,
+        max_restarts: int = 3,
         num_threads_per_worker: int | None = None,
+        worker_timeout_s: float = 1800.0,
+        start_timeout_s: float = 1800.0,
+        restart_window_s: float = 3600.0,
     ) -> None:
         import ray
 
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
+        if min(worker_timeout_s, start_timeout_s) <= 0 or max_restarts < 0 or restart_window_s < 0:
+            raise ValueError("timeouts must be > 0, max_restarts and restart_window_s >= 0")
         if not ray.is_initialized():
             ray.init(num_cpus=2, include_dashboard=False)
         self.engine_name = engine_name
         self.engine_kwargs = engine_kwargs
         self.max_restarts = max_restarts
+        self.worker_timeout_s = worker_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.restart_window_s = restart_window_s
         self.num_threads = num_threads_per_worker or max(1, int(num_cpus_per_worker))
         # Restarts are ours, not Ray's: a restarted actor must also get the latest weights back.
         self._actor_cls = ray.remote(RolloutWorker).options(
             num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=0
         )
         self._sync = ObjectStoreWeightSync()
-        self.restarts = [0] * num_workers
+        self._clock = time.monotonic  # the restart window's clock (a test may replace it)
+        self._restart_times: list[deque[float]] = [deque() for _ in range(num_workers)]
+        self.restarts = [0] * num_workers  # per slot, over the manager's life
+        self._events = {"restarts": 0, "timeouts": 0}  # since the previous generate()
+        self._totals = {"restarts_total": 0, "timeouts_total": 0}
         self.workers = [self._start_worker() for _ in range(num_workers)]
-        ray.get([w.ready.remote() for w in self.workers])
+        _, failed = self._await(dict(enumerate(w.ready.remote() for w in self.workers)), start_timeout_s)
+        if failed:
+            self.shutdown()
+            slot, why = next(iter(failed.items()))
+            raise RuntimeError(f"rollout worker slot {slot} failed to start: {why}")
         self.version = 0
         self.last_timings: dict[str, float] = {}
 
     def _start_worker(self) -> Any:
         return self._actor_cls.remote(self.engine_name, self.engine_kwargs, self.num_threads)
 
-    def _restart(self, slot: int) -> None:
+    def _await(self, refs: dict[int, Any], timeout_s: float) -> tuple[dict[int, Any], dict[int, str]]:
+        """Wait at most `timeout_s` for one call per slot: (results, failures as slot -> why). A worker that
+        died or did not answer is a failure; an exception raised by the engine itself propagates."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        by_ref = {ref: slot for slot, ref in refs.items()}
+        done, late = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=timeout_s)
+        results: dict[int, Any] = {}
+        failed = {by_ref[ref]: f"did not answer within {timeout_s:g} s" for ref in late}
+        self._count("timeouts", len(late))
+        for ref in done:
+            try:
+                results[by_ref[ref]] = ray.get(ref)
+            except RayActorError as err:
+                failed[by_ref[ref]] = f"died: {err}"
+        return results, failed
+
+    def _count(self, event: str, n: int = 1) -> None:
+        self._events[event] += n
+        self._totals[f"{event}_total"] += n
+
+    def _charge(self, slot: int, why: str) -> None:
+        """Spend one restart of `slot`'s budget, or stop the run when it is spent."""
+        now, times = self._clock(), self._restart_times[slot]
+        while self.restart_window_s and times and times[0] <= now - self.restart_window_s:
+            times.popleft()
+        if len(times) >= self.max_restarts:
+            window = f"the last {self.restart_window_s:g} s" if self.restart_window_s else "this run"
+            raise RuntimeError(
+                f"rollout worker slot {slot} {why}, and its restart budget is spent: {len(times)} restart(s) "
+                f"in {window} (rollout.max_restarts={self.max_restarts} per rollout.restart_window_s="
+                f"{self.restart_window_s:g}; 0: per run)"
+            )
+        times.append(now)
+        self.restarts[slot] += 1
+        self._count("restarts")
+
+    def _restart(self, slot: int, why: str) -> None:
+        """Kill slot `slot`'s worker and start a new one with the latest weights; retried until it comes
+        up or the slot's restart budget is spent."""
         import ray
 
-        self.restarts[slot] += 1
-        if self.restarts[slot] > self.max_restarts:
-            raise RuntimeError(f"rollout worker {slot} died more than max_restarts={self.max_restarts} times")
-        log.warning("rollout worker %d died; restarting (restart %d)", slot, self.restarts[slot])
-        ray.kill(self.workers[slot], no_restart=True)
-        worker = self._start_worker()
-        pending_load = self._sync.restore(worker)
-        ray.get(pending_load if pending_load is not None else worker.ready.remote())
-        self.workers[slot] = worker
+        while True:
+            self._charge(slot, why)
+            log.warning("rollout worker slot %d %s; restarting (restart %d)", slot, why, self.restarts[slot])
+            ray.kill(self.workers[slot], no_restart=True)
+            self.workers[slot] = worker = self._start_worker()
+            pending_load = self._sync.restore(worker)
+            ref = pending_load if pending_load is not None else worker.ready.remote()
+            _, failed = self._await({slot: ref}, self.start_timeout_s)
+            if not failed:
+                return
+            why = f"restart failed: {failed[slot]}"
 
     def generate(self, groups: list[PromptGroup], params: SamplingParams) -> list[Sample]:
         import ray
@@ -162,65 +249,86 @@ class RolloutManager:
         shards = shard_groups(groups, len(self.workers))
         results: dict[int, list[Generation]] = {}
         worker_timings: list[dict[str, float]] = []
-        pending = {self._submit(i, shards[i], params): i for i in range(len(shards))}
-        restarts_before = sum(self.restarts)
+        pending: Pending = {}
+        for i in range(len(shards)):
+            self._submit_tracked(pending, i, shards[i], params)
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            shard = pending.pop(ready[0])
-            try:
-                generations, timings = ray.get(ready[0])
-            except RayActorError:
-                self._restart(shard)
-                pending[self._submit(shard, shards[shard], params)] = shard
+            self._expire(pending, shards, params)
+            if not pending:
                 continue
-            results[shard] = generations
-            worker_timings.append(timings)
+            deadline = min(d for _, d in pending.values())
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            for ref in ready:
+                shard, _ = pending.pop(ref)
+                try:
+                    generations, timings = ray.get(ref)
+                except RayActorError as err:
+                    self._restart(shard, f"died: {err}")
+                    self._submit_tracked(pending, shard, shards[shard], params)
+                    continue
+                results[shard] = generations
+                worker_timings.append(timings)
         generations = [g for i in range(len(shards)) for g in results[i]]
         samples = build_samples(groups, generations)
-        self._record(start, samples, worker_timings, sum(self.restarts) - restarts_before)
+        self._record(start, samples, worker_timings)
         return samples
 
-    def _submit(self, slot: int, shard: list[PromptGroup], params: SamplingParams) -> Any:
-        # Shard i always runs on worker slot i, so a failure names the slot to restart.
-        return self.workers[slot].generate.remote(expand_groups(shard), params)
+    def _expire(self, pending: Pending, shards: list[list[PromptGroup]], params: SamplingParams) -> None:
+        """Restart the worker of every shard past its deadline (not done even now) and resubmit the shard."""
+        import ray
 
-    def _record(
-        self, start: float, samples: list[Sample], worker: list[dict[str, float]], restarts: int
+        now = time.monotonic()
+        expired = [ref for ref, (_, deadline) in pending.items() if deadline <= now]
+        if not expired:
+            return
+        _, late = ray.wait(expired, num_returns=len(expired), timeout=0)
+        for ref in late:
+            shard, _ = pending.pop(ref)
+            self._count("timeouts")
+            self._restart(shard, f"did not answer within {self.worker_timeout_s:g} s")
+            self._submit_tracked(pending, shard, shards[shard], params)
+
+    def _submit_tracked(
+        self, pending: Pending, slot: int, shard: list[PromptGroup], params: SamplingParams
     ) -> None:
+        pending[self._submit(slot, shard, params)] = (slot, time.monotonic() + self.worker_timeout_s)
+
+    def _submit(self, slot: int, shard: list[PromptGroup], params: SamplingParams) -> Any:
+        # Shard i always runs on worker slot i, so a failure names the slot to restart; a restarted worker
+        # gets the same shard and the same seed, so it samples what the dead one would have.
+        return self.workers[slot].generate.remote(expand_groups(shard), slot_params(params, slot))
+
+    def _record(self, start: float, samples: list[Sample], worker: list[dict[str, float]]) -> None:
         self.last_timings = {
             **generation_timings(start, samples),
             "worker_generate_s_max": max((t.get("generate_s", 0.0) for t in worker), default=0.0),
-            "restarts": float(restarts),
             "weight_sync_s": self._sync.last_latency_s,
+            **self._event_timings(),
         }
+        self._events = dict.fromkeys(self._events, 0)
+
+    def _event_timings(self) -> dict[str, float]:
+        return {key: float(n) for key, n in {**self._events, **self._totals}.items()}
 
     def update_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> float:
-        """Send new weights to every worker through the object store; returns the sync latency in seconds."""
-        from ray.exceptions import RayActorError
+        """Send new weights to every worker through the object store; returns the sync latency in seconds.
 
-        try:
-            latency = self._sync.push(self.workers, state_dict, version)
-        except RayActorError:
-            # A dead worker is restarted from the reference just stored, so it comes back at this version.
-            for slot in self._dead_slots():
-                self._restart(slot)
-            latency = self._sync.push(self.workers, state_dict, version)
+        A worker that dies or does not load within worker_timeout_s is restarted from the reference just
+        stored, so it comes back at this version."""
+        import ray
+
+        start = time.perf_counter()
+        self._sync.ref = ray.put(to_cpu_state_dict(state_dict))
+        self._sync.version = version
+        loads = {slot: self._sync.restore(worker) for slot, worker in enumerate(self.workers)}
+        _, failed = self._await(loads, self.worker_timeout_s)
+        for slot, why in failed.items():
+            self._restart(slot, why)
+        latency = self._sync.last_latency_s = time.perf_counter() - start
         self.version = version
-        self.last_timings["weight_sync_s"] = latency
+        self.last_timings.update({"weight_sync_s": latency, **self._event_timings()})
         log.debug("weight sync to version %d: %.3f s (%d workers)", version, latency, len(self.workers))
         return latency
-
-    def _dead_slots(self) -> list[int]:
-        import ray
-        from ray.exceptions import RayActorError
-
-        dead = []
-        for slot, worker in enumerate(self.workers):
-            try:
-                ray.get(worker.ready.remote(), timeout=30)
-            except RayActorError:
-                dead.append(slot)
-        return dead
 
     def shutdown(self) -> None:
         import ray

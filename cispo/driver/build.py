@@ -18,6 +18,7 @@ import torch
 
 from cispo.algo.advantages import AdvantageFn, get_advantage
 from cispo.core.config import TrainConfig
+from cispo.driver.checkpoint import checkpoint_step
 from cispo.driver.curriculum import LengthCurriculum
 from cispo.driver.data import PromptStream, eval_groups, load_split
 from cispo.driver.export import INIT_DIR
@@ -45,14 +46,15 @@ class Stages:
         self.learner.close()
 
 
-def build_tracker(cfg: TrainConfig, run_dir: Path, resumed: bool) -> Tracker:
+def build_tracker(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> Tracker:
     return Tracker(
         cfg.logging,
         run_dir,
         cfg.experiment.name,
         dataclasses.asdict(cfg),
         cfg.experiment.total_steps,
-        resumed=resumed,
+        resumed=resume_from is not None,
+        resume_step=None if resume_from is None else checkpoint_step(resume_from),
     )
 
 

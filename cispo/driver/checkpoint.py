@@ -131,6 +131,15 @@ def find_resume_point(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
+def checkpoint_step(directory: Path) -> int | None:
+    """The step a checkpoint was taken at: from its manifest, else its directory name."""
+    try:
+        return int(json.loads((directory / MARKER).read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        name = directory.name.removeprefix("step_")
+        return int(name) if name.isdigit() else None
+
+
 def load_checkpoint(directory: Path, learner: Any) -> dict[str, Any]:
     learner.load(str(directory))
     state = torch.load(directory / "trainer_state.pt", map_location="cpu", weights_only=False)

@@ -31,10 +31,11 @@ class Loop:
         self.step, self.last_eval = 0, float("nan")
         self.generator = torch.Generator().manual_seed(seed)
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self.data_state: dict = {}
 
     def state(self, stages: Stages) -> dict:
         return {
-            "data": stages.rollout.stream.state_dict(),
+            "data": self.data_state,
             "curriculum": stages.curriculum.state_dict(),
             "last_eval": self.last_eval,
             "minibatch_rng": self.generator.get_state(),
@@ -50,8 +51,8 @@ class Loop:
         stages.tracker.print(f"resumed from {checkpoint} at step {self.step}")
 
 
-def rollout(stages: Stages) -> tuple[list[Sample], dict[str, float]]:
-    return stages.rollout.collect(stages.curriculum.budget, stages.learner.version)
+def rollout(stages: Stages, step: int) -> tuple[list[Sample], dict[str, float]]:
+    return stages.rollout.collect(stages.curriculum.budget, stages.learner.version, step)
 
 
 def learn(cfg: TrainConfig, stages: Stages, samples: list[Sample], loop: Loop) -> dict[str, float]:
@@ -101,7 +102,7 @@ def finish_step(
 
 def evaluate(cfg: TrainConfig, stages: Stages, loop: Loop) -> dict[str, float]:
     """Held-out evaluation: its samples go to their own table, its numbers to eval/* keys only."""
-    result = stages.rollout.evaluate(stages.curriculum.budget)
+    result = stages.rollout.evaluate(stages.curriculum.budget, loop.step)
     loop.last_eval = result.accuracy
     stages.tracker.log_samples(
         loop.step, _table_rows(result.samples, cfg.logging.table_samples), table="eval"
@@ -119,7 +120,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     if cfg.experiment.eval_only:
         return evaluate_only(cfg, run_dir)
     resume_from = find_resume_point(run_dir, cfg.resume)
-    tracker = build_tracker(cfg, run_dir, resumed=resume_from is not None)
+    tracker = build_tracker(cfg, run_dir, resume_from)
     splits = load_splits(cfg.data)  # first: an empty or unreadable dataset fails before any model is built
     tracker.print(
         f"run dir {run_dir}; loading policy {cfg.model.name} (tokenizer {cfg.model.tokenizer_spec()})"
@@ -156,7 +157,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
 def evaluate_only(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     """`cispo-eval`: model.name on the held-out split, written like a training run's evaluations
     (metrics.jsonl row with eval/*, every generation in eval_samples.jsonl), with no training."""
-    tracker = build_tracker(cfg, run_dir, resumed=False)
+    tracker = build_tracker(cfg, run_dir, None)
     model, tokenizer = build_model(cfg)
     stage = build_eval_only_stage(cfg, run_dir, model, tokenizer)
     try:
@@ -181,9 +182,11 @@ def run_loop(cfg: TrainConfig, stages: Stages, loop: Loop, info: dict[str, float
         while loop.step < cfg.experiment.total_steps:
             loop.step += 1
             tick = time.perf_counter()
-            samples, metrics = pending.result() if pending else rollout(stages)
-            # One step off-policy: the next rollout runs on the workers while this batch trains.
-            pending = pool.submit(rollout, stages) if cfg.algorithm.pipeline_one_step else None
+            samples, metrics = pending.result() if pending else rollout(stages, loop.step)
+            # One step off-policy: the next rollout runs on the workers while this batch trains. The data
+            # cursor from before it took its prompts is what a checkpoint keeps, so a resume redoes them.
+            loop.data_state = stages.rollout.stream.state_dict()
+            pending = pool.submit(rollout, stages, loop.step + 1) if cfg.algorithm.pipeline_one_step else None
             metrics.update(learn(cfg, stages, samples, loop))
             finish_step(cfg, stages, loop, samples, metrics, tick)
             if cfg.experiment.max_time_s and time.perf_counter() - started > cfg.experiment.max_time_s:

@@ -50,8 +50,10 @@ class RolloutStage:
         # With one-step pipelining a rollout runs in a background thread; eval must not interleave with it.
         self.lock = threading.Lock()
 
-    def sampling(self, budget: int, evaluation: bool = False) -> SamplingParams:
-        """Training sampling, or evaluation sampling: greedy when rollout.eval_temperature is 0."""
+    def sampling(self, budget: int, evaluation: bool = False, seed: int | None = None) -> SamplingParams:
+        """Training sampling, or evaluation sampling: greedy when rollout.eval_temperature is 0. `seed`
+        makes the call's random stream a function of (experiment seed, step, round): a resumed run
+        samples what the uninterrupted one did, whatever happened to the workers in between."""
         r = self.cfg.rollout
         greedy = evaluation and r.eval_temperature == 0
         temperature = r.eval_temperature if evaluation and not greedy else r.temperature
@@ -64,7 +66,11 @@ class RolloutStage:
             pad_token_id=self.tokenizer.pad_token_id,
             repetition_stop_tokens=r.repetition_stop_tokens,
             repetition_prob=r.repetition_prob,
+            seed=seed,
         )
+
+    def seed(self, step: int, round_index: int, salt: int = 0) -> int:
+        return ((self.cfg.experiment.seed * 1_000_003 + step) * 1_009 + round_index * 2 + salt) % 2**63
 
     def score(self, samples: list[Sample], scorer: RewardScorer) -> None:
         """Decodes and scores samples in place (response_text, reward, reward_reason)."""
@@ -83,7 +89,7 @@ class RolloutStage:
         for sample, result in zip(samples, scorer.score(inputs)):
             sample.reward, sample.reward_reason = float(result.score), result.reason
 
-    def collect(self, budget: int, learner_version: int) -> tuple[list[Sample], dict[str, float]]:
+    def collect(self, budget: int, learner_version: int, step: int) -> tuple[list[Sample], dict[str, float]]:
         """One step's scored samples. With dynamic sampling (DAPO), groups whose rewards are all equal are
         replaced by fresh ones for up to `dynamic_sampling_rounds` extra rounds."""
         if self.stream is None:
@@ -93,7 +99,9 @@ class RolloutStage:
         for round_index in range(algo.dynamic_sampling_rounds + 1):
             with self.lock:
                 groups = self.stream.next_groups(wanted - len(kept) // algo.group_size)
-                samples = self.manager.generate(groups, self.sampling(budget))
+                samples = self.manager.generate(
+                    groups, self.sampling(budget, seed=self.seed(step, round_index))
+                )
                 self.score(samples, self.scorer)
             seen.extend(samples)
             last_round = round_index == algo.dynamic_sampling_rounds
@@ -108,12 +116,13 @@ class RolloutStage:
         metrics["time/rollout_s"] = time.perf_counter() - start
         return kept, metrics
 
-    def evaluate(self, budget: int) -> EvalResult:
+    def evaluate(self, budget: int, step: int = 0) -> EvalResult:
         """Held-out accuracy: the fraction of responses that earn the full reward."""
         if not self.eval_set:
             return EvalResult(float("nan"))
         with self.lock:
-            samples = self.manager.generate(self.eval_set, self.sampling(budget, evaluation=True))
+            params = self.sampling(budget, evaluation=True, seed=self.seed(step, 0, salt=1))
+            samples = self.manager.generate(self.eval_set, params)
             self.score(samples, self.eval_scorer)
         accuracy = sum(s.reward >= self.full_reward - 1e-6 for s in samples) / len(samples)
         metrics = {f"eval/{key}": value for key, value in self.eval_scorer.metrics().items()}

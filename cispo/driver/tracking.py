@@ -49,10 +49,16 @@ class Tracker:
         config: dict[str, Any],
         total_steps: int,
         resumed: bool = False,
+        resume_step: int | None = None,
     ) -> None:
+        """resume_step: the checkpoint's step; rows the interrupted run logged after it are dropped from
+        metrics.jsonl and the samples files, since the resumed run logs those steps again."""
         self.cfg, self.run_dir = cfg, run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = run_dir / "metrics.jsonl"
+        if resumed and resume_step is not None:
+            for name in ("metrics.jsonl", "samples.jsonl", "eval_samples.jsonl"):
+                truncate_after(run_dir / name, resume_step)
         self._file = self.metrics_path.open("a" if resumed else "w")
         # What the run says (stage messages, progress lines) also goes here, terminal or not.
         self._log_file = (run_dir / "cli.log").open("a")
@@ -170,6 +176,23 @@ def _run_id(run_dir: Path) -> str:
 
         path.write_text(uuid.uuid4().hex[:12])
     return path.read_text().strip()
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Keeps the JSONL rows with "step" <= step (and any unparsable tail a kill cut short goes too)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
