@@ -33,11 +33,12 @@ def _sandbox(name: str | None) -> Sandbox | None:
 
 
 @register_reward("math")
-def math_reward(inp: RewardInput) -> RewardResult:
-    """math-verify against ``inp.reference``."""
+def math_reward(inp: RewardInput, *, strict_format: bool = True) -> RewardResult:
+    """math-verify against ``inp.reference``; ``strict_format``: no answer marker scores 0 (off: the last
+    expression is scored)."""
     if inp.reference is None:
         raise ValueError("math reward: the sample has no reference answer")
-    return _math.check(inp.completion, str(inp.reference))
+    return _math.check(inp.completion, str(inp.reference), strict_format=strict_format)
 
 
 @register_reward("code")

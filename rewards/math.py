@@ -1,4 +1,14 @@
-"""Math answers checked with math-verify after extracting the final answer as models write it."""
+"""Math answers checked with math-verify after finding the final answer as models write it.
+
+The answer is found marker first (``rewards.extract.answer_segments``: trailing ``\\boxed{}`` answers,
+``<answer>``, ``####``, "Final answer: ...", "the answer is ..."), capped in length, then handed to
+math-verify as text so its own LaTeX and expression extraction applies ("Final answer: therefore
+$x \\geq 5$ is the solution" reads ``x >= 5``; several trailing boxes read as one set, as math-verify reads
+them). An answer written without math delimiters ("Final answer: 2x+3") is read whole as LaTeX, since
+math-verify's expression extraction would stop at its first number; one that is prose ("3 hours ago") goes
+to math-verify without its marker, so it takes the last number. Commas in numbers are read the way the
+reference is written (``rewards.extract.normalize_numerals``).
+"""
 
 from __future__ import annotations
 
@@ -7,13 +17,27 @@ import re
 import threading
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+from sympy import Basic, Number, NumberSymbol, Set, Tuple
 
 from rewards.base import RewardResult
-from rewards.extract import MAX_ANSWER_CHARS, final_answer, normalize_spacing
+from rewards.extract import (
+    AnswerSegment,
+    answer_segments,
+    last_expression_segment,
+    normalize_numerals,
+    normalize_spacing,
+    read_thousands,
+)
 
 _CONFIG = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
 _TRIVIAL = re.compile(r"[\s$]|\\text\{|\\mathrm\{|\}|\\left|\\right|\\!|\.$")
+_DELIMITED = re.compile(r"\$|\\\(|\\\[|\\boxed|\\fbox")
 VERIFY_TIMEOUT_S = 5
+_MAX_SEGMENTS = 3  # marked answers tried, best first, until one parses
+NO_MARKER = (
+    "math: no answer marker (\\boxed{}, <answer>, ####, 'Final answer:', 'The answer is') "
+    "and strict_format is on"
+)
 
 
 class _NoTimeoutNotice(logging.Filter):
@@ -29,40 +53,102 @@ for _name in ("math_verify.parser", "math_verify.grader"):
 
 def _timeout() -> int | None:
     # math-verify's timeout uses SIGALRM, which only works in the main thread; elsewhere the caller bounds
-    # time (RewardScorer's per-sample timeout) and the extraction above bounds the input size.
+    # time (RewardScorer's per-sample timeout) and the extraction bounds the input size.
     return VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
 
 
-def _parse(answer: str) -> list:
-    return parse(f"${answer}$", extraction_config=_CONFIG, parsing_timeout=_timeout())
+def _parse(text: str) -> list:
+    return parse(text, extraction_config=_CONFIG, parsing_timeout=_timeout())
 
 
-def check(completion: str, reference: str) -> RewardResult:
-    """Score with a reason: 1.0 when the completion's final answer equals ``reference``."""
+def _parsed(result: list) -> bool:
+    """math-verify appends the matched string as a fallback; only a non-string means it parsed."""
+    return any(not isinstance(r, str) for r in result)
+
+
+def _parse_either(text: str, bare: str, text_first: bool) -> list:
+    """Parse ``text`` as math-verify extracts from prose, or ``bare`` wrapped as inline LaTeX; the first
+    reading that parses wins, the other is the fallback."""
+    readings = [text, f"${bare}$"] if text_first else [f"${bare}$", text]
+    first: list = []
+    for i, reading in enumerate(readings):
+        if not reading.strip("$ "):
+            continue
+        result = _parse(reading)
+        if _parsed(result):
+            return result
+        if i == 0:
+            first = result
+    return first
+
+
+def _reference_kind(gold: list) -> str:
+    """How the reference reads (see rewards.extract.normalize_numerals): "number", "list" or "other"."""
+    value = next((g for g in gold if not isinstance(g, str)), None)
+    if isinstance(value, (Number, NumberSymbol)):
+        return "number"
+    if isinstance(value, (Set, Tuple, tuple, list)):
+        return "list"
+    if isinstance(value, Basic) and value.is_number and value.is_real and not value.free_symbols:
+        return "number"  # 2\\sqrt{2}, \\frac{\\pi}{3}
+    return "other"
+
+
+def _reference(reference: str) -> list:
+    ref = read_thousands(normalize_spacing(reference.strip()))
+    return _parse_either(ref, ref, text_first=bool(_DELIMITED.search(ref)))
+
+
+def _read_answer(segment: AnswerSegment, kind: str) -> list:
+    text = normalize_numerals(normalize_spacing(segment.text), kind)
+    bare = normalize_numerals(normalize_spacing(segment.answer), kind) if segment.latex else ""
+    return _parse_either(text, bare, text_first=segment.delimited)
+
+
+def check(completion: str, reference: str, *, strict_format: bool = True) -> RewardResult:
+    """Score with a reason: 1.0 when the completion's final answer equals ``reference``.
+
+    The answer is the best marked segment (:func:`rewards.extract.answer_segments`) that math-verify can
+    parse; the next one is tried only when it cannot. ``strict_format``: a completion with no answer marker
+    scores 0 (the reason names the markers); off, the last math expression of the completion is scored.
+    """
     if not isinstance(completion, str) or not isinstance(reference, (str, int, float)):
         return RewardResult(
             0.0, f"math: bad input types {type(completion).__name__}/{type(reference).__name__}"
         )
-    answer = final_answer(completion)
-    if answer is None:
-        return RewardResult(0.0, "math: no final answer found")
-    gold_text = normalize_spacing(str(reference).strip())
-    pred_text = normalize_spacing(answer)
-    if len(pred_text) > MAX_ANSWER_CHARS:
-        return RewardResult(0.0, "math: answer too long")
-    if _TRIVIAL.sub("", pred_text) == _TRIVIAL.sub("", gold_text) and pred_text:
+    segments = answer_segments(completion)[:_MAX_SEGMENTS]
+    if not segments:
+        if strict_format:
+            return RewardResult(0.0, NO_MARKER)
+        last = last_expression_segment(completion)
+        if last is None:
+            return RewardResult(0.0, "math: empty completion")
+        segments = [last]
+    reference = str(reference)
+    gold_spaced = normalize_spacing(reference.strip())
+    best = segments[0]
+    pred_spaced = normalize_spacing(best.answer)
+    if pred_spaced and _TRIVIAL.sub("", pred_spaced) == _TRIVIAL.sub("", gold_spaced):
         return RewardResult(1.0)
-    gold, pred = _parse(gold_text), _parse(pred_text)
+    gold = _reference(reference)
     if not gold:
-        return RewardResult(0.0, f"math: reference {str(reference)[:60]!r} could not be parsed")
+        return RewardResult(0.0, f"math: reference {reference[:60]!r} could not be parsed")
+    kind = _reference_kind(gold)
+    pred = _read_answer(best, kind)
+    for segment in segments[1:]:
+        if _parsed(pred):
+            break
+        later = _read_answer(segment, kind)
+        if _parsed(later):
+            best, pred = segment, later
     if not pred:
-        return RewardResult(0.0, "math: answer could not be parsed")
+        return RewardResult(0.0, f"math: answer after {best.marker!r} could not be parsed")
     if verify(gold, pred, timeout_seconds=_timeout()):
         return RewardResult(1.0)
     return RewardResult(0.0, "math: wrong answer")
 
 
-def score(completion: str, reference: str) -> float:
-    """1.0 if the final answer in ``completion`` (last ``\\boxed{}``, ``#### x``, "final answer is x")
-    equals ``reference``."""
-    return check(completion, reference).score
+def score(completion: str, reference: str, *, strict_format: bool = True) -> float:
+    """1.0 if the final answer in ``completion`` (trailing ``\\boxed{}`` answers, ``<answer>``, ``#### x``,
+    "Final answer: x", "the answer is x") equals ``reference``; see :func:`check` for ``strict_format``."""
+    return check(completion, reference, strict_format=strict_format).score
