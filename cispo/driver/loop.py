@@ -193,9 +193,9 @@ def run_loop(cfg: TrainConfig, stages: Stages, loop: Loop, info: dict[str, float
                 stages.tracker.print(f"stopping at step {loop.step}: experiment.max_time_s reached")
                 break
         _drain(pending)
-        final = (
-            evaluate(cfg, stages, loop) if evaluating else {"eval/accuracy": loop.last_eval, "eval/ran": 1}
-        )
+        # The last step's own evaluation, when it had one, is the final one: no second identical pass.
+        fresh = evaluating and loop.step % cfg.experiment.eval_every != 0
+        final = evaluate(cfg, stages, loop) if fresh else {"eval/accuracy": loop.last_eval, "eval/ran": 1}
         stages.tracker.log(loop.step, {**final, "eval/final": 1})
     finally:
         pool.shutdown(wait=True)
