@@ -1,7 +1,7 @@
 """Rewards: a registry of plugins (see ``rewards.base`` for the contract) and a weighted, timed scorer.
 
 Built-in names: math, logic, code, code_io, format, overlong, exact_match, genrm. Rewards import
-``sandboxes`` and nothing else of ours.
+``sandboxes`` and ``cispo.core`` (the registry) and nothing else of ours.
 """
 
 from rewards.base import RewardError, RewardFn, RewardInput, RewardResult

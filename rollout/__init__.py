@@ -1,6 +1,6 @@
 """Rollout: inference engines, Ray rollout workers, their manager, weight sync and stopping rules.
 
-Imports cispo.core.types only (nothing else of cispo); optional engines (vllm) load when selected.
+Imports cispo.core and cispo.algo only (docs/architecture.md); optional engines (vllm) load when selected.
 """
 
 from rollout.engine import Engine, available_engines, build_engine, register_engine

@@ -3,7 +3,7 @@ sandboxes.
 
 A name resolves, in order, to
 1. an entry registered in this process (``@LOSSES.register("cispo")``),
-2. a built-in that is imported only when asked for (``lazy={"vllm": "rollout.vllm_engine:VllmEngine"}``,
+2. a built-in that is imported only when asked for (``lazy={"vllm": "rollout.vllm_engine:VLLMEngine"}``,
    so a missing optional dependency only matters to whoever selects it),
 3. a ``package.module:attr`` path, imported where it is resolved: a DeepSpeed rank or a Ray worker that
    receives the same string finds the same object, which a name registered only in the driver would not;

@@ -3,7 +3,7 @@
 A learner turns TrainBatches into optimizer steps and exports weights for the rollout engines:
 
     compute_logprobs(batch) -> Tensor [B, L]        no grad, the current policy's log-probs
-    train_step(batch) -> dict[str, float]           one optimizer step over one minibatch
+    train_step(batch, return_logprobs) -> StepResult one optimizer step over one minibatch
     state_dict_for_sync() -> dict[str, Tensor]      weights for the engines (full, unsharded)
     save(directory) / load(directory)               model, optimizer and scheduler state
 """
@@ -16,14 +16,14 @@ from typing import Any, Protocol
 import torch
 
 from cispo.core.registry import Registry, callable_from
-from cispo.core.types import TrainBatch
+from cispo.core.types import StepResult, TrainBatch
 
 
 class Learner(Protocol):
     version: int
 
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor: ...
-    def train_step(self, batch: TrainBatch) -> dict[str, float]: ...
+    def train_step(self, batch: TrainBatch, return_logprobs: bool = False) -> StepResult: ...
     def state_dict_for_sync(self) -> dict[str, torch.Tensor]: ...
     def save(self, directory: str) -> None: ...
     def load(self, directory: str) -> None: ...

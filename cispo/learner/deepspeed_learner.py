@@ -5,7 +5,7 @@ processes, each owning one DeepSpeed engine (cispo/learner/deepspeed_rank.py):
 
     learner = build_learner("deepspeed", model=model, cfg=cfg.learner, algorithm=cfg.algorithm,
                             total_steps=cfg.experiment.total_steps, temperature=cfg.rollout.temperature)
-    metrics = learner.train_step(minibatch)            # one optimizer step over all ranks
+    result = learner.train_step(minibatch)             # StepResult: one optimizer step over all ranks
     for name, tensor in learner.iter_weights_for_sync(): ...   # or state_dict_for_sync()
     learner.close()
 
