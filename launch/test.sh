@@ -5,6 +5,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bash "$root/launch/setup_env.sh"
+[ "$(id -u)" != 0 ] || bash "$root/launch/docker_engine.sh" || echo "warning: Docker engine setup failed; Docker tests skip" >&2
 cd "$root"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} TOKENIZERS_PARALLELISM=false WANDB_MODE=offline
 export CISPO_CACHE=${CISPO_CACHE:-$root/.cache/cispo}
