@@ -75,12 +75,30 @@ def test_short_default_run_learns_and_resumes(tmp_path: Path):
     assert [r["step"] for r in later[-4:]] == [101, 102, 103, 104]
 
 
+def assert_export_matches(run_dir: Path, out: Path) -> None:
+    """cispo-export's rebuild from the ZeRO checkpoint equals the weights the run gathered into hf/."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    cmd = [sys.executable, "-m", "cispo.driver.export", str(run_dir), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    gathered, rebuilt = load_file(run_dir / "hf" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert gathered.keys() == rebuilt.keys()
+    for name, value in gathered.items():
+        torch.testing.assert_close(rebuilt[name], value, rtol=0, atol=0, msg=name)
+    AutoModelForCausalLM.from_pretrained(out)
+
+
 @pytest.mark.slow
 def test_deepspeed_learner_run_checkpoints_and_resumes(tmp_path: Path):
-    """The same CLI on 2 DeepSpeed ZeRO ranks: a checkpoint at step 2, then resume=auto carries on."""
+    """The same CLI on 2 DeepSpeed ZeRO-3 ranks: a checkpoint at step 2, then resume=auto carries on; the
+    Hugging Face export (gathered from the ranks) equals cispo-export's rebuild from the ZeRO checkpoint."""
     run_dir = tmp_path / "ds"
     common = [
         "learner=deepspeed",
+        "learner.zero_stage=3",
         "model.warmstart.enabled=false",
         "experiment.checkpoint_every=2",
         "experiment.eval_every=50",
@@ -91,6 +109,7 @@ def test_deepspeed_learner_run_checkpoints_and_resumes(tmp_path: Path):
     out = run_cli(run_dir, "experiment.total_steps=2", *common, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert (run_dir / "checkpoints" / "step_0000002" / "COMPLETE").exists()
+    assert_export_matches(run_dir, tmp_path / "exported")
     out = run_cli(run_dir, "experiment.total_steps=3", *common, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resumed from" in out.stdout + out.stderr
@@ -100,6 +119,7 @@ def test_deepspeed_learner_run_checkpoints_and_resumes(tmp_path: Path):
     # of optimizer updates instead of restarting from 0.
     per_step = steps[0]["policy/version"]
     assert steps[2]["policy/version"] == steps[1]["policy/version"] + per_step
+
 
 
 @pytest.mark.slow
