@@ -1,8 +1,16 @@
 """Code rewards: run the model's program in a sandbox against assert-style tests or stdin/stdout cases.
 
-``score`` passes only when the tests ran to their end: the harness writes a random marker after the last
-test, so ``sys.exit(0)`` or ``os._exit(0)`` before or during the tests scores 0. The marker never touches
-disk, argv or the environment (see the threat model in ``sandboxes``).
+``score``/``check``: the sandbox runs ``rewards/code_harness.py``. The tests run in a process of their own;
+the solution runs in a second process, forked before any secret arrived, that they reach through a pipe, and
+what crosses back is plain data (or a handle that equals only itself). The scorer generates a random pass
+line per run and sends it on stdin; only the test process knows it, and it writes it only after the tests
+returned normally and the solution process kept to the protocol. So ``sys.exit(0)``, ``os._exit(0)``,
+killing the harness, rebinding builtins, reading frames or ``/proc/*/mem`` and always-equal return values
+all score 0: the threat model's "the solution forges a pass" (F1-F6 in ``sandboxes``) says what is and is
+not covered.
+
+``check_io``: the program's stdout is compared by the scorer, so the expected output never enters the
+sandbox; lines are split on ``\\n`` and only ASCII whitespace is ignored at their ends.
 """
 
 from __future__ import annotations
@@ -12,9 +20,11 @@ import os
 import re
 import secrets
 import threading
+from pathlib import Path
 from typing import Any
 
 from rewards.base import RewardResult
+from rewards.code_harness import PASS_PREFIX
 from sandboxes import Limits, RunResult, Sandbox, get_sandbox
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
@@ -22,6 +32,8 @@ _PY_TAGS = {"python", "py", "python3", ""}
 _lock = threading.Lock()
 _default: Sandbox | None = None
 SANDBOX_ENV = "CISPO_SANDBOX"
+HARNESS = Path(__file__).with_name("code_harness.py").read_text(encoding="utf-8")
+_ASCII_WS = " \t\r\n\f\v"
 
 
 def default_sandbox() -> Sandbox:
@@ -42,17 +54,18 @@ def extract_code(completion: str) -> str:
     return completion if not blocks else blocks[-1][1]
 
 
-def build_program(solution: str, tests: str, marker: str) -> str:
-    """Solution then tests in one namespace (HumanEval style), then the marker; the file deletes itself."""
-    return (
-        "import os as _cispo_os, sys as _cispo_sys\n"
-        "try:\n    _cispo_os.unlink(__file__)\nexcept OSError:\n    pass\n"
-        "_cispo_ns = {'__name__': '__main__', '__builtins__': __builtins__}\n"
-        f"exec(compile({solution!r}, '<solution>', 'exec'), _cispo_ns)\n"
-        f"exec(compile({tests!r}, '<tests>', 'exec'), _cispo_ns)\n"
-        "_cispo_sys.stdout.flush()\n"
-        f"_cispo_os.write(1, b'\\n' + {marker.encode()!r} + b'\\n')\n"
-    )
+def _is_utf8_text(text: str) -> bool:
+    """False for lone surrogates: no UTF-8 file, hence no Python program, can hold them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def harness_job(solution: str, tests: str, pass_line: str) -> str:
+    """The harness's stdin: ASCII JSON (lone surrogates escaped, so encoding it never raises)."""
+    return json.dumps({"pass": pass_line, "solution": solution, "tests": tests})
 
 
 def _failure(run: RunResult) -> str:
@@ -76,11 +89,13 @@ def check(
     solution = extract_code(completion)
     if not solution.strip():
         return RewardResult(0.0, "code: empty program")
-    marker = "CISPO-TESTS-PASSED-" + secrets.token_hex(16)
+    if not _is_utf8_text(solution):
+        return RewardResult(0.0, "code: the program is not valid UTF-8 text (lone surrogate)")
+    pass_line = PASS_PREFIX + secrets.token_hex(16)
     run = (sandbox or default_sandbox()).run(
-        build_program(solution, tests, marker), timeout_s=timeout_s, limits=limits
+        HARNESS, stdin=harness_job(solution, tests, pass_line), timeout_s=timeout_s, limits=limits
     )
-    if run.ok and marker in run.stdout:
+    if run.ok and f"\n{pass_line}\n" in run.stdout:
         return RewardResult(1.0)
     if run.ok:
         return RewardResult(0.0, "code: exited before the tests finished")
@@ -101,12 +116,21 @@ def _cases(reference: Any) -> list[tuple[str, str]]:
             "code_io reward: reference must be [{'input': str, 'output': str}, ...] "
             "or {'inputs': [...], 'outputs': [...]} (or its JSON)"
         )
-    return [(str(c["input"]), str(c["output"])) for c in ref]
+    return [(_text(c["input"]), _text(c["output"])) for c in ref]
+
+
+def _text(value: Any) -> str:
+    """A case's text with any lone surrogate made '?', so it can be sent and compared."""
+    return str(value).encode("utf-8", "replace").decode("utf-8")
+
+
+def _lines(text: str) -> list[str]:
+    return [line.rstrip(_ASCII_WS) for line in text.strip(_ASCII_WS).split("\n")]
 
 
 def _same_output(got: str, want: str) -> bool:
-    norm = lambda s: [line.rstrip() for line in s.strip().splitlines()]  # noqa: E731
-    return norm(got) == norm(want)
+    """Line by line, split on \\n only, ASCII whitespace ignored at line ends and around the whole output."""
+    return _lines(got) == _lines(want)
 
 
 def check_io(
@@ -126,6 +150,8 @@ def check_io(
     program = extract_code(completion)
     if not program.strip():
         return RewardResult(0.0, "code_io: empty program")
+    if not _is_utf8_text(program):
+        return RewardResult(0.0, "code_io: the program is not valid UTF-8 text (lone surrogate)")
     box = sandbox or default_sandbox()
     passed, first_failure = 0, ""
     for i, (stdin, want) in enumerate(pairs):

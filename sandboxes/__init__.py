@@ -31,13 +31,64 @@ Not covered:
 - Kernel exploits: namespaces share the host kernel. Use the ``docker`` backend on a gVisor/Kata runtime
   or a VM for hostile code.
 - CPU-time side channels and timing noise between concurrent runs (cgroup cpu shares are not set).
-- Reading what the interpreter's own process holds: a program can introspect its own memory, so reward
-  code must not rely on secrets placed in the sandboxed interpreter being unforgeable (the code reward's
-  completion marker is off disk and out of argv/env, which stops accidental and file-based forgery only).
+- Reading what the interpreter's own process holds: a program can introspect its own memory, and read or
+  ptrace any process in the sandbox that is dumpable (bwrap's init, pid 1, is, and it holds the run's
+  stdin, stdout and stderr pipes). Reward code must keep its secrets out of the program's processes; see
+  "The solution forges a pass" below for how the code reward does.
 - Limits the host does not allow: without a writable memory/pids cgroup only rlimits apply
   (``RunResult.applied_limits`` reports what was in force).
 - ``unsafe_subprocess`` isolates nothing (it refuses to run unless opted in); ``docker`` isolation is the
   engine's (its tests skip where no engine answers).
+
+The solution forges a pass (``rewards.code``)
+=============================================
+Here the adversary wants 1.0 for a wrong solution. ``rewards.code.check`` runs ``rewards/code_harness.py``
+in the sandbox: the tests run in a *test process*; the solution runs in a second process (the *solution
+process*), forked from it before the job is read, that the tests reach through two pipes. The scorer sends a
+random pass line (128 bits) on stdin; the test process writes it only after the tests returned normally, and
+the score is 1.0 only if it is in stdout. Each class is proved by ``test_f<N>_*`` in
+``tests/rewards/test_code_forgery.py``; before this design F1, F2 (frames, ``__main__``/inspect), F3
+(``/proc/self/mem``), F4 and F6 scored 1.0 or raised.
+
+Covered:
+- F1 Rebinding what the tests use (``builtins.exec``/``compile``/``abs``/``len``, ``sys.modules``, a
+  module-level ``def abs``): the solution process is not the tests' interpreter, and names of builtins are
+  never taken from the solution's namespace.
+- F2 Reading the pass line from the interpreter (caller frames, ``gc``, ``__main__``'s globals,
+  ``inspect``): the solution process is forked before the test process reads the job, and no solution
+  code runs before stdin has been read to its end, so it never holds the pass line or the tests.
+- F3 Reading it from memory, files, argv, the environment or the stdin pipe (``/proc/*/mem``,
+  ``/proc/*/environ``, the work dir, ``/proc/1/fd/0``): it is never on disk, in argv or the environment,
+  the stdin pipe is empty by then, and the test process is non-dumpable (``PR_SET_DUMPABLE`` 0), so a
+  same-uid process without capabilities (C4) cannot open its mem/environ/fd, ptrace it or take its fds.
+- F4 Always-equal return values (``__eq__`` always True, int/list subclasses, numbers whose ``abs`` and
+  comparisons lie): values are rebuilt by the test process from JSON (json's C scanner) as built-in types
+  only; any other object stays in the solution process as a handle equal only to itself.
+- F5 Leaving early, killing the harness, fake output (``os._exit(0)``, ``SystemExit`` in a call, ``kill``
+  of the test process or of every process, pass lines or protocol replies written to every fd): the
+  solution's stdout/stderr are /dev/null; its exit, death or a reply outside the protocol fails the run
+  even when the tests catch the error; a killed test process writes no pass line; exit status 0 alone is
+  not trusted (bwrap's init, which reports it, is traceable by the solution).
+- F6 ``check_io``: the expected output never enters the sandbox; output is split on ``\\n`` only, with
+  ASCII whitespace ignored at line ends, so unicode separators or trailing garbage do not pass; a lone
+  surrogate in the program scores 0 and one in a case becomes ``?``, instead of raising.
+
+Not covered (a wrong solution can still score 1.0, or the score is not the whole story):
+- Weak tests: special-casing the inputs the tests use is a weak test set, not a forgery; the solution
+  sees every argument the tests pass it (never the expected values, unless the tests pass them).
+- Tests that trust the completion: a helper or value the tests take from the completion's namespace is
+  the solution's to choose (HumanEval/32's ``poly``, /38's ``encode_cyclic``, a ``from math import
+  isclose`` the tests rely on). Modules the tests use through the solution's imports are re-imported by
+  the test process, so those are not the solution's.
+- Anything that gives the solution CAP_SYS_PTRACE over the test process (a kernel exploit; a backend that
+  grants the capability) undoes F2/F3. ``unsafe_subprocess`` runs as the scorer's user: the solution can
+  read or trace the scorer itself.
+- The failure reason is not authenticated: the solution can write to stderr through bwrap's init (when
+  the scorer is not root; the pipes are root's otherwise) and change the reason text, never the score.
+- What fidelity costs: only plain data crosses, so a test that passes a function to the solution fails
+  (TypeError), a returned object other than plain data (numpy becomes lists and scalars) equals only
+  itself, attribute assignment on the solution's objects is refused, and the tests cannot capture the
+  solution's stdout; list, dict and set arguments the solution changes are changed in the tests too.
 """
 
 from __future__ import annotations
