@@ -37,8 +37,11 @@ Not covered:
   "The solution forges a pass" below for how the code reward does.
 - Limits the host does not allow: without a writable memory/pids cgroup only rlimits apply
   (``RunResult.applied_limits`` reports what was in force).
-- ``unsafe_subprocess`` isolates nothing (it refuses to run unless opted in); ``docker`` isolation is the
-  engine's (its tests skip where no engine answers).
+- ``unsafe_subprocess`` isolates nothing (it refuses to run unless opted in).
+- ``docker``: the same claims hold and the same tests prove them (launch/docker_engine.sh starts a private
+  engine for them; CI runs them). Differences: the pids cgroup replaces RLIMIT_NPROC (without a user
+  namespace that rlimit would count every container's uid-65534 processes), and if the scorer itself is
+  killed, a container lives until its timeout + 2 s before the engine removes it.
 
 The solution forges a pass (``rewards.code``)
 =============================================
