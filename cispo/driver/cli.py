@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cispo.core.config import TrainConfig, register_configs
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")  # package data: a link to <repo>/configs
 
 
 def to_train_config(cfg: DictConfig) -> TrainConfig:
