@@ -123,9 +123,21 @@ class RolloutConfig:
     repetition_stop_tokens: int = 0
     repetition_prob: float = 0.99
     eval_temperature: float = 0.0  # 0 = greedy
+    # Ray workers: one that does not answer a generate shard (from submission) or a weight load within
+    # worker_timeout_s, or a fresh one not up within worker_start_timeout_s, is killed and restarted with
+    # the latest weights, its shard resubmitted. A slot may restart max_restarts times within any
+    # restart_window_s seconds (0: within the whole run); one more stops the run.
+    worker_timeout_s: float = 1800.0
+    worker_start_timeout_s: float = 1800.0
+    max_restarts: int = 3
+    restart_window_s: float = 3600.0
 
     def __post_init__(self) -> None:
         _require(self.backend in ("ray", "local"), "rollout.backend", f"ray or local, got {self.backend!r}")
+        _require(self.worker_timeout_s > 0, "rollout.worker_timeout_s", "must be > 0")
+        _require(self.worker_start_timeout_s > 0, "rollout.worker_start_timeout_s", "must be > 0")
+        _require(self.max_restarts >= 0, "rollout.max_restarts", "must be >= 0 (0: the first failure stops)")
+        _require(self.restart_window_s >= 0, "rollout.restart_window_s", "must be >= 0 (0: the whole run)")
         _require(self.num_workers >= 1, "rollout.num_workers", "must be >= 1")
         _require(self.num_cpus_per_worker > 0, "rollout.num_cpus_per_worker", "must be > 0")
         _require(self.num_gpus_per_worker >= 0, "rollout.num_gpus_per_worker", "must be >= 0")
@@ -235,21 +247,71 @@ class LearnerConfig:
 
 
 @dataclass
+class StageConfig:
+    """One curriculum stage: its generation budget and the settings it changes from the next rollout or
+    update on (unset: the run's own). loss_kwargs are merged over algorithm.loss_kwargs."""
+
+    budget: int = MISSING
+    loss_kwargs: dict[str, Any] = field(default_factory=dict)
+    lr: float | None = None
+    grad_clip: float | None = None
+    repetition_stop_tokens: int | None = None
+    temperature: float | None = None
+    normalizer: str | None = None  # e.g. the report's sample_token (sample- and token-level) later on
+
+    def check(self, key: str) -> None:
+        _require(
+            self.normalizer is None or self.normalizer in NORMALIZERS, f"{key}.normalizer", str(NORMALIZERS)
+        )
+        _require(self.budget >= 1, f"{key}.budget", "must be >= 1")
+        _require(self.lr is None or self.lr > 0, f"{key}.lr", "must be > 0")
+        _require(self.grad_clip is None or self.grad_clip >= 0, f"{key}.grad_clip", "must be >= 0")
+        _require(self.temperature is None or self.temperature > 0, f"{key}.temperature", "must be > 0")
+        _require(
+            self.repetition_stop_tokens is None or self.repetition_stop_tokens >= 0,
+            f"{key}.repetition_stop_tokens",
+            "must be >= 0",
+        )
+
+
+def _report_stages() -> list[StageConfig]:
+    return [StageConfig(budget=b) for b in (40960, 49152, 57344, 65536, 73728, 81920)]
+
+
+@dataclass
 class CurriculumConfig:
-    """The report's staged thinking budget: raise rollout.max_new_tokens through `stages` when the p99
-    response length reaches `advance_fraction` of the current window for `patience` consecutive steps."""
+    """The report's staged thinking budget. The next stage starts when both conditions hold (either can
+    be switched off): the p99 response length has been at least `advance_fraction` of the window for
+    `patience` steps in a row, and the generation perplexity has converged (the mean of the last
+    `perplexity_window` steps within `perplexity_tolerance`, relative, of the mean of the window before)."""
 
     enabled: bool = False
-    stages: list[int] = field(default_factory=lambda: [40960, 49152, 57344, 65536, 73728, 81920])
+    stages: list[StageConfig] = field(default_factory=_report_stages)
     advance_fraction: float = 0.95
     patience: int = 3
+    length_condition: bool = True
+    perplexity_condition: bool = True
+    perplexity_window: int = 5
+    perplexity_tolerance: float = 0.02
 
     def __post_init__(self) -> None:
         if self.enabled:
             _require(len(self.stages) > 0, "curriculum.stages", "needs at least one stage")
-            _require(list(self.stages) == sorted(self.stages), "curriculum.stages", "must increase")
+            budgets = [s.budget for s in self.stages]
+            _require(
+                budgets == sorted(set(budgets)), "curriculum.stages", f"budgets must increase: {budgets}"
+            )
+            _require(
+                self.length_condition or self.perplexity_condition,
+                "curriculum",
+                "switch on length_condition or perplexity_condition (with neither, no stage ever advances)",
+            )
+        for index, stage in enumerate(self.stages):
+            stage.check(f"curriculum.stages[{index}]")
         _require(0 < self.advance_fraction <= 1, "curriculum.advance_fraction", "must be in (0, 1]")
         _require(self.patience >= 1, "curriculum.patience", "must be >= 1")
+        _require(self.perplexity_window >= 1, "curriculum.perplexity_window", "must be >= 1")
+        _require(self.perplexity_tolerance > 0, "curriculum.perplexity_tolerance", "must be > 0")
 
 
 @dataclass

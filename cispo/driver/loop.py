@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -41,12 +42,13 @@ class Loop:
             "minibatch_rng": self.generator.get_state(),
         }
 
-    def restore(self, stages: Stages, checkpoint: Path) -> None:
+    def restore(self, cfg: TrainConfig, stages: Stages, checkpoint: Path) -> None:
         state = load_checkpoint(checkpoint, stages.learner)
         self.step, self.last_eval = state["step"], state["last_eval"]
         self.generator.set_state(state["minibatch_rng"])
         stages.rollout.stream.load_state_dict(state["data"])
         stages.curriculum.load_state_dict(state["curriculum"])
+        apply_stage(cfg, stages)
         stages.rollout.load_weights(stages.learner.state_dict_for_sync(), stages.learner.version)
         stages.tracker.print(f"resumed from {checkpoint} at step {self.step}")
 
@@ -79,13 +81,17 @@ def finish_step(
     step = loop.step
     if cfg.experiment.eval_every and step % cfg.experiment.eval_every == 0:
         metrics.update(evaluate(cfg, stages, loop))
-    if stages.curriculum.observe(metrics["response_length/p99"]):
-        stages.tracker.print(f"curriculum: step {step}, generation budget now {stages.curriculum.budget}")
+    if stages.curriculum.observe(metrics["response_length/p99"], metrics.get("rollout/perplexity", math.nan)):
+        apply_stage(cfg, stages)
+        stages.tracker.print(
+            f"curriculum: step {step}, stage {stages.curriculum.stage} from the next step on: "
+            f"budget {stages.curriculum.budget} ({stages.curriculum.signals})"
+        )
     elapsed = time.perf_counter() - tick
     metrics.update(
         {
             "eval/accuracy": loop.last_eval,
-            "curriculum/budget": stages.curriculum.budget,
+            **stages.curriculum.logged(),
             "policy/version": stages.learner.version,
             "time/step_s": elapsed,
             "throughput/tokens_per_s": metrics["rollout/new_tokens"] / elapsed,
@@ -98,6 +104,20 @@ def finish_step(
         run_dir = stages.tracker.run_dir
         save_checkpoint(run_dir, step, stages.learner, loop.state(stages), cfg.experiment.keep_checkpoints)
         export_policy(stages)
+
+
+def apply_stage(cfg: TrainConfig, stages: Stages) -> None:
+    """The current curriculum stage's settings, to the learner (lr, grad clip, loss kwargs, temperature)
+    and to the rollout stage (temperature, repetition stop); a no-op without a curriculum."""
+    settings = stages.curriculum.settings
+    if settings is None:
+        return
+    stages.learner.apply_settings(**stages.curriculum.learner_settings(cfg.algorithm.loss_kwargs))
+    overrides = {
+        "temperature": settings.temperature,
+        "repetition_stop_tokens": settings.repetition_stop_tokens,
+    }
+    stages.rollout.overrides = {k: v for k, v in overrides.items() if v is not None}
 
 
 def evaluate(cfg: TrainConfig, stages: Stages, loop: Loop) -> dict[str, float]:
@@ -136,8 +156,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     seconds = built["time/rollout_start_s"]
     tracker.print(f"policy: {info['parameters'] / 1e6:.2f}M parameters; rollout up in {seconds:.1f} s")
     loop = Loop(cfg.experiment.seed, cfg.learner.max_nonfinite_steps)
+    apply_stage(cfg, stages)
     if resume_from is not None:
-        loop.restore(stages, resume_from)
+        loop.restore(cfg, stages, resume_from)
     started = time.perf_counter()
     try:
         run_loop(cfg, stages, loop, info)

@@ -7,6 +7,7 @@ weights; nothing else touches the engines.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,6 +46,8 @@ class RolloutStage:
         # that the next training step reports (reward/errors, per-reward means, ...).
         self.scorer, self.eval_scorer = scorers
         self.stream, self.eval_set = stream, eval_set
+        # What the current curriculum stage changes in sampling (temperature, repetition_stop_tokens).
+        self.overrides: dict[str, Any] = {}
         # A sample earns "correct" in evaluation when it gets every positive reward weight in full.
         self.full_reward = sum(max(r.weight, 0.0) for r in cfg.reward.rewards)
         # With one-step pipelining a rollout runs in a background thread; eval must not interleave with it.
@@ -56,7 +59,8 @@ class RolloutStage:
         samples what the uninterrupted one did, whatever happened to the workers in between."""
         r = self.cfg.rollout
         greedy = evaluation and r.eval_temperature == 0
-        temperature = r.eval_temperature if evaluation and not greedy else r.temperature
+        train_temperature = self.overrides.get("temperature", r.temperature)
+        temperature = r.eval_temperature if evaluation and not greedy else train_temperature
         return SamplingParams(
             max_new_tokens=budget,
             temperature=1.0 if greedy else temperature,
@@ -64,7 +68,7 @@ class RolloutStage:
             top_k=1 if greedy else r.top_k,  # top-k 1 is exact greedy decoding
             eos_token_ids=(self.tokenizer.eos_token_id,),
             pad_token_id=self.tokenizer.pad_token_id,
-            repetition_stop_tokens=r.repetition_stop_tokens,
+            repetition_stop_tokens=self.overrides.get("repetition_stop_tokens", r.repetition_stop_tokens),
             repetition_prob=r.repetition_prob,
             seed=seed,
         )
@@ -138,6 +142,10 @@ class RolloutStage:
 
 def rollout_metrics(seen: list[Sample], kept: list[Sample], learner_version: int) -> dict[str, float]:
     lengths = np.array([len(s.response_ids) for s in kept], dtype=np.float64)
+    tokens = sum(len(s.behaviour_logprobs) for s in kept)
+    # Generation perplexity: exp of the mean negative behaviour log-prob per sampled token (the
+    # curriculum's convergence signal).
+    nll = -sum(sum(s.behaviour_logprobs) for s in kept) / tokens if tokens else float("nan")
     rewards = np.array([s.reward for s in kept], dtype=np.float64)
     reasons = [s.finish_reason for s in kept]
     return {
@@ -146,6 +154,7 @@ def rollout_metrics(seen: list[Sample], kept: list[Sample], learner_version: int
         "response_length/mean": float(lengths.mean()),
         "response_length/p99": float(np.percentile(lengths, 99)),
         "response_length/max": float(lengths.max()),
+        "rollout/perplexity": math.exp(nll) if math.isfinite(nll) else float("nan"),
         "rollout/finish_eos": reasons.count("eos") / len(kept),
         "rollout/finish_length": reasons.count("length") / len(kept),
         "rollout/finish_repetition": reasons.count("repetition") / len(kept),

@@ -109,6 +109,10 @@ def check_plugins(cfg: TrainConfig) -> None:
         raise _fail(f"algorithm.loss_kwargs.{taken[0]}", "set by the learner (choose algorithm.normalizer)")
     check_kwargs(loss, algo.loss_kwargs, "algorithm.loss_kwargs", skip=4, reserved=LOSS_RESERVED)
     check_clip_bounds(algo.loss_kwargs, "algorithm.loss_kwargs")
+    for index, stage in enumerate(cfg.curriculum.stages if cfg.curriculum.enabled else []):
+        key = f"curriculum.stages[{index}].loss_kwargs"
+        check_kwargs(loss, {**algo.loss_kwargs, **stage.loss_kwargs}, key, skip=4, reserved=LOSS_RESERVED)
+        check_clip_bounds(stage.loss_kwargs, key)
     advantage = _resolve("algorithm.advantage", get_advantage, algo.advantage)
     check_kwargs(advantage, algo.advantage_kwargs, "algorithm.advantage_kwargs", skip=2)
     learner = _resolve("learner.backend", LEARNERS.get, cfg.learner.backend)

@@ -38,6 +38,13 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
     return factor
 
 
+def set_base_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
+    """A new base lr under a LambdaLR schedule, from the next step on; the warm-up/decay factor is kept."""
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = lr * factor(scheduler.last_epoch)
+
+
 def build_optimizer(model: nn.Module, cfg: LearnerConfig) -> torch.optim.Optimizer:
     # The report's AdamW: betas (0.9, 0.95) and eps 1e-15, since RL gradients are tiny and eps 1e-8
     # would swamp the second-moment estimate.

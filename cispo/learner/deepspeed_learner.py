@@ -50,6 +50,7 @@ one.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import socket
@@ -272,6 +273,15 @@ class DeepSpeedLearner:
 
     def state_dict_for_sync(self) -> dict[str, torch.Tensor]:
         return dict(self.iter_weights_for_sync())
+
+    def apply_settings(self, **settings) -> None:
+        """A curriculum stage's settings on every rank, from the next train_step on (the normaliser here:
+        this facade computes the token weights)."""
+        if settings.get("normalizer") is not None:
+            self.algorithm = dataclasses.replace(self.algorithm, normalizer=settings["normalizer"])
+        if settings.get("loss_kwargs") is not None:
+            self.algorithm = dataclasses.replace(self.algorithm, loss_kwargs=dict(settings["loss_kwargs"]))
+        self._broadcast([("settings", settings)] * self.world)
 
     def weights_finite(self) -> bool:
         return all(self._broadcast([("finite",)] * self.world))

@@ -15,6 +15,7 @@ weights stream out faster than the driver consumes them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import pickle
@@ -35,6 +36,7 @@ from cispo.learner.common import (
     micro_batch_loss,
     moe_context,
     policy_logprobs,
+    set_base_lr,
 )
 
 
@@ -175,6 +177,21 @@ class RankServer:
         self.engine.step()
         return step, float(self.engine.get_global_grad_norm() or 0.0), lr, seen
 
+    def apply_settings(self, settings: dict) -> None:
+        """A curriculum stage's settings (see TorchLearner.apply_settings), on this rank."""
+        if settings.get("lr") is not None:
+            set_base_lr(self.scheduler, settings["lr"])
+        if settings.get("grad_clip") is not None:
+            self.cfg = dataclasses.replace(self.cfg, grad_clip=settings["grad_clip"])
+            # DeepSpeed reads the clip from its config in the engine and keeps a copy in the ZeRO optimizer.
+            self.engine._config.gradient_clipping = settings["grad_clip"]
+            if hasattr(self.engine.optimizer, "clip_grad"):
+                self.engine.optimizer.clip_grad = settings["grad_clip"]
+        if settings.get("loss_kwargs") is not None:
+            self.algorithm = dataclasses.replace(self.algorithm, loss_kwargs=dict(settings["loss_kwargs"]))
+        if settings.get("temperature") is not None:
+            self.module.temperature = settings["temperature"]
+
     def weights_finite(self) -> bool:
         """This rank's share of the weights (its ZeRO-3 partition, or the full ZeRO-2 copy) is finite."""
         tensors = [getattr(p, "ds_tensor", p.data) for p in self.policy.parameters()]
@@ -223,6 +240,8 @@ class RankServer:
             return self.train(*args)
         if kind == "logprobs":
             return self.logprobs(*args)
+        if kind == "settings":
+            return self.apply_settings(*args)
         if kind == "finite":
             return self.weights_finite()
         if kind == "save":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from cispo.learner.common import (
     micro_batch_loss,
     moe_context,
     policy_logprobs,
+    set_base_lr,
     wants_packing,
 )
 from cispo.learner.micro_batches import token_budget_chunks
@@ -107,6 +109,27 @@ class TorchLearner:
         metrics = parts.result(grad_norm, lr)
         metrics["skipped_frac"] = 0.0 if finite else 1.0
         return StepResult(metrics, seen_logprobs)
+
+    def apply_settings(
+        self,
+        *,
+        lr: float | None = None,
+        grad_clip: float | None = None,
+        loss_kwargs: dict | None = None,
+        temperature: float | None = None,
+        normalizer: str | None = None,
+    ) -> None:
+        """A curriculum stage's settings, used from the next train_step on."""
+        if normalizer is not None:
+            self.algorithm = dataclasses.replace(self.algorithm, normalizer=normalizer)
+        if lr is not None:
+            set_base_lr(self.scheduler, lr)
+        if grad_clip is not None:
+            self.cfg = dataclasses.replace(self.cfg, grad_clip=grad_clip)
+        if loss_kwargs is not None:
+            self.algorithm = dataclasses.replace(self.algorithm, loss_kwargs=dict(loss_kwargs))
+        if temperature is not None:
+            self.temperature = temperature
 
     def weights_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
