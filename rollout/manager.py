@@ -97,7 +97,8 @@ class LocalRolloutManager:
     def generate(self, groups: list[PromptGroup], params: SamplingParams) -> list[Sample]:
         start = time.perf_counter()
         samples = build_samples(groups, self.engine.generate(expand_groups(groups), params))
-        self.last_timings = {**generation_timings(start, samples), "restarts": 0.0}
+        no_events = dict.fromkeys(("restarts", "timeouts", "restarts_total", "timeouts_total"), 0.0)
+        self.last_timings = {**generation_timings(start, samples), **no_events}
         return samples
 
     def update_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> float:
@@ -175,7 +176,8 @@ class RolloutManager:
         self._events = {"restarts": 0, "timeouts": 0}  # since the previous generate()
         self._totals = {"restarts_total": 0, "timeouts_total": 0}
         self.workers = [self._start_worker() for _ in range(num_workers)]
-        _, failed = self._await(dict(enumerate(w.ready.remote() for w in self.workers)), start_timeout_s)
+        readies = dict(enumerate(w.ready.remote() for w in self.workers))
+        _, failed = self._await(readies, start_timeout_s, "rollout.worker_start_timeout_s")
         if failed:
             self.shutdown()
             slot, why = next(iter(failed.items()))
@@ -186,7 +188,9 @@ class RolloutManager:
     def _start_worker(self) -> Any:
         return self._actor_cls.remote(self.engine_name, self.engine_kwargs, self.num_threads)
 
-    def _await(self, refs: dict[int, Any], timeout_s: float) -> tuple[dict[int, Any], dict[int, str]]:
+    def _await(
+        self, refs: dict[int, Any], timeout_s: float, key: str
+    ) -> tuple[dict[int, Any], dict[int, str]]:
         """Wait at most `timeout_s` for one call per slot: (results, failures as slot -> why). A worker that
         died or did not answer is a failure; an exception raised by the engine itself propagates."""
         import ray
@@ -195,7 +199,7 @@ class RolloutManager:
         by_ref = {ref: slot for slot, ref in refs.items()}
         done, late = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=timeout_s)
         results: dict[int, Any] = {}
-        failed = {by_ref[ref]: f"did not answer within {timeout_s:g} s" for ref in late}
+        failed = {by_ref[ref]: f"did not answer within {key}={timeout_s:g} s" for ref in late}
         self._count("timeouts", len(late))
         for ref in done:
             try:
@@ -236,7 +240,7 @@ class RolloutManager:
             self.workers[slot] = worker = self._start_worker()
             pending_load = self._sync.restore(worker)
             ref = pending_load if pending_load is not None else worker.ready.remote()
-            _, failed = self._await({slot: ref}, self.start_timeout_s)
+            _, failed = self._await({slot: ref}, self.start_timeout_s, "rollout.worker_start_timeout_s")
             if not failed:
                 return
             why = f"restart failed: {failed[slot]}"
@@ -285,7 +289,8 @@ class RolloutManager:
         for ref in late:
             shard, _ = pending.pop(ref)
             self._count("timeouts")
-            self._restart(shard, f"did not answer within {self.worker_timeout_s:g} s")
+            why = f"did not answer within rollout.worker_timeout_s={self.worker_timeout_s:g} s"
+            self._restart(shard, why)
             self._submit_tracked(pending, shard, shards[shard], params)
 
     def _submit_tracked(
@@ -321,7 +326,7 @@ class RolloutManager:
         self._sync.ref = ray.put(to_cpu_state_dict(state_dict))
         self._sync.version = version
         loads = {slot: self._sync.restore(worker) for slot, worker in enumerate(self.workers)}
-        _, failed = self._await(loads, self.worker_timeout_s)
+        _, failed = self._await(loads, self.worker_timeout_s, "rollout.worker_timeout_s")
         for slot, why in failed.items():
             self._restart(slot, why)
         latency = self._sync.last_latency_s = time.perf_counter() - start

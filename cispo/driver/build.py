@@ -161,6 +161,10 @@ def build_rollout_manager(cfg: TrainConfig, model_dir: Path) -> Any:
         num_workers=cfg.rollout.num_workers,
         num_cpus_per_worker=cfg.rollout.num_cpus_per_worker,
         num_gpus_per_worker=cfg.rollout.num_gpus_per_worker,
+        max_restarts=cfg.rollout.max_restarts,
+        worker_timeout_s=cfg.rollout.worker_timeout_s,
+        start_timeout_s=cfg.rollout.worker_start_timeout_s,
+        restart_window_s=cfg.rollout.restart_window_s,
     )
 
 
