@@ -117,6 +117,10 @@ class RolloutStage:
                 break
         metrics = rollout_metrics(seen, kept, learner_version)
         metrics.update(self.scorer.metrics())
+        timings = getattr(self.manager, "last_timings", {})
+        for key in ("timeouts_total", "restarts_total"):  # worker health over the run, from the manager
+            if key in timings:
+                metrics[f"rollout/worker_{key}"] = float(timings[key])
         metrics["time/rollout_s"] = time.perf_counter() - start
         return kept, metrics
 

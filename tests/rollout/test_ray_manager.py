@@ -26,7 +26,9 @@ def ray_cluster():
     if ray.is_initialized():
         yield
         return
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray_rollout_"))
+    # 4 schedulable CPUs (threads stay capped per worker): the module's manager holds 2 workers while a
+    # test builds a second manager of its own.
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray_rollout_"))
     yield
     ray.shutdown()
 
