@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
@@ -56,3 +57,16 @@ def dense_model() -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def minimax_model() -> torch.nn.Module:
     return make_minimax()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray for one test module (or the one already running). 4 schedulable CPUs, threads stay
+    capped per worker: a module's shared manager holds 2 workers while a test builds a second manager."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        yield
+        return
+    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray_rollout_"))
+    yield
+    ray.shutdown()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -19,18 +18,6 @@ from tests.rollout.conftest import greedy_full_forward, make_dense
 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    if ray.is_initialized():
-        yield
-        return
-    # 4 schedulable CPUs (threads stay capped per worker): the module's manager holds 2 workers while a
-    # test builds a second manager of its own.
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray_rollout_"))
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -30,16 +29,6 @@ pytestmark = pytest.mark.slow
 
 GATED = "tests.rollout.gated_engine:GatedHFEngine"
 TIMEOUT_S = 10.0  # a healthy call here (a tiny model, a few tokens) answers in well under a second
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    if ray.is_initialized():
-        yield
-        return
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=tempfile.mkdtemp(prefix="ray_timeouts_"))
-    yield
-    ray.shutdown()
 
 
 def _gated_manager(dense_model, gate: Path) -> RolloutManager:
