@@ -1,7 +1,10 @@
 """Score batches with several weighted rewards, a per-sample timeout and failure metrics.
 
-Worker threads are daemons so a reward stuck in C code (sympy, a hung judge) cannot block interpreter exit;
-a timed-out worker is abandoned and replaced, so the pool keeps ``max_workers`` usable threads.
+Rewards run in worker processes by default (``isolation="process"``, :mod:`rewards.workers`): a task past
+the timeout gets its worker killed and replaced, so a hanging plugin costs at most its timeout per sample and
+leaves nothing running. ``isolation="thread"`` runs them on daemon threads in this process instead (cheaper
+to start, and for rewards registered only in the driver); a timed-out thread cannot be stopped: it is
+abandoned, still running, and replaced.
 """
 
 from __future__ import annotations
@@ -9,13 +12,15 @@ from __future__ import annotations
 import queue
 import threading
 import time
-import traceback
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from rewards.base import RewardError, RewardInput, RewardResult
 from rewards.registry import LoadedReward, get_reward
+from rewards.workers import Task, WorkerPool, worker_spec
+
+ISOLATIONS = ("process", "thread")
 
 
 @dataclass
@@ -27,20 +32,63 @@ class RewardSpec:
     kwargs: dict = field(default_factory=dict)
 
 
-@dataclass
-class _Task:
-    index: int
-    spec: int
-    inp: RewardInput
-    started: float | None = None
-    done: bool = False
-    abandoned: bool = False
-    result: RewardResult | None = None
-    error: BaseException | None = None
+class _ThreadPool:
+    """``isolation="thread"``: daemon threads, so a reward stuck in C code cannot block interpreter exit."""
+
+    def __init__(self, rewards: list[LoadedReward], *, size: int, timeout_s: float) -> None:
+        self.rewards, self.size, self.timeout_s = rewards, size, timeout_s
+        self._queue: queue.Queue[Task | None] = queue.Queue()
+        self._cond = threading.Condition()
+        self._workers = 0
+        self._fill()
+
+    def _fill(self) -> None:
+        while self._workers < self.size:
+            self._workers += 1
+            threading.Thread(target=self._work, daemon=True, name="reward-worker").start()
+
+    def _work(self) -> None:
+        while (task := self._queue.get()) is not None:
+            with self._cond:
+                task.started = time.monotonic()
+            try:
+                result, error = self.rewards[task.spec](task.inp), None
+            except BaseException as e:  # noqa: BLE001 - any plugin failure becomes a reason, not a crash
+                result, error = None, e
+            with self._cond:
+                if task.timed_out:
+                    return  # replaced by a fresh worker when it timed out; leave the pool size unchanged
+                if error is not None:
+                    task.fail(error)
+                task.result, task.done = result, True
+                self._cond.notify_all()
+
+    def run(self, tasks: list[Task]) -> None:
+        for t in tasks:
+            self._queue.put(t)
+        with self._cond:
+            while pending := [t for t in tasks if not t.done]:
+                now = time.monotonic()
+                for t in pending:
+                    if t.started is not None and now - t.started > self.timeout_s:
+                        t.timed_out = t.done = True
+                        self._workers -= 1
+                self._fill()
+                running = [t.started for t in pending if t.started is not None and not t.done]
+                wake = min((s + self.timeout_s - now for s in running), default=self.timeout_s)
+                self._cond.wait(timeout=max(0.01, min(wake, 1.0)))
+
+    def close(self) -> None:
+        for _ in range(self._workers):
+            self._queue.put(None)  # idle threads exit; abandoned ones are past saving
 
 
 class RewardScorer:
-    """``score(inputs)`` returns one combined RewardResult per input: ``sum(weight_i * score_i)``."""
+    """``score(inputs)`` returns one combined RewardResult per input: ``sum(weight_i * score_i)``.
+
+    Holds worker processes: ``close()`` it (or use it as a context manager); garbage collection and
+    interpreter exit close it too.
+    """
 
     def __init__(
         self,
@@ -50,6 +98,7 @@ class RewardScorer:
         strict: bool = False,
         max_workers: int = 2,
         stop_error_fraction: float = 1.0,
+        isolation: str = "process",
     ) -> None:
         """stop_error_fraction: when at least this fraction of one score() call's samples hit a reward
         that raised, score() raises RewardError with the first failure's traceback and sample (1.0: only
@@ -58,56 +107,42 @@ class RewardScorer:
             raise ValueError("RewardScorer: at least one RewardSpec is needed")
         if max_workers < 1:
             raise ValueError(f"RewardScorer: max_workers must be >= 1, got {max_workers}")
+        if isolation not in ISOLATIONS:
+            raise ValueError(f"RewardScorer: isolation must be one of {list(ISOLATIONS)}, got {isolation!r}")
         self.specs = list(specs)
+        # Loaded here too, so an unknown name or a bad signature fails at construction with its own error.
         self.rewards: list[LoadedReward] = [get_reward(s.name, **s.kwargs) for s in self.specs]
         self.timeout_s, self.strict, self.max_workers = timeout_s, strict, max_workers
-        self.stop_error_fraction = stop_error_fraction
-        self._queue: queue.Queue[_Task] = queue.Queue()
-        self._cond = threading.Condition()
-        self._workers = 0
+        self.stop_error_fraction, self.isolation = stop_error_fraction, isolation
+        self._pool: WorkerPool | _ThreadPool
+        if isolation == "process":
+            children = [worker_spec(s.name, s.kwargs, r) for s, r in zip(self.specs, self.rewards)]
+            self._pool = WorkerPool(children, size=max_workers, timeout_s=timeout_s)
+        else:
+            self._pool = _ThreadPool(self.rewards, size=max_workers, timeout_s=timeout_s)
+        self._lock = threading.Lock()
+        self._closed = False
         self._counts: Counter[str] = Counter()
         self._sums: Counter[str] = Counter()
-        self._ensure_workers()
 
-    def _ensure_workers(self) -> None:
-        while self._workers < self.max_workers:
-            self._workers += 1
-            threading.Thread(target=self._work, daemon=True, name="reward-worker").start()
+    def close(self) -> None:
+        """Stops the workers; score() afterwards raises RuntimeError. Idempotent."""
+        self._closed = True
+        self._pool.close()
 
-    def _work(self) -> None:
-        while True:
-            task = self._queue.get()
-            with self._cond:
-                task.started = time.monotonic()
-            try:
-                result, error = self.rewards[task.spec](task.inp), None
-            except BaseException as e:  # noqa: BLE001 - any plugin failure becomes a reason, not a crash
-                result, error = None, e
-            with self._cond:
-                if task.abandoned:
-                    return  # replaced by a fresh worker when it timed out; leave the pool size unchanged
-                task.result, task.error, task.done = result, error, True
-                self._cond.notify_all()
+    def worker_pids(self) -> list[int]:
+        """The worker processes' ids (none with isolation="thread")."""
+        return self._pool.pids() if isinstance(self._pool, WorkerPool) else []
 
-    def _wait(self, tasks: list[_Task]) -> None:
-        with self._cond:
-            while True:
-                now = time.monotonic()
-                pending = [t for t in tasks if not t.done]
-                if not pending:
-                    return
-                for t in pending:
-                    if t.started is not None and now - t.started > self.timeout_s:
-                        t.abandoned = t.done = True
-                        self._workers -= 1
-                self._ensure_workers()
-                running = [t.started for t in pending if t.started is not None and not t.done]
-                wake = min((s + self.timeout_s - now for s in running), default=self.timeout_s)
-                self._cond.wait(timeout=max(0.01, min(wake, 1.0)))
+    def __enter__(self) -> RewardScorer:
+        return self
 
-    def _resolve(self, t: _Task) -> RewardResult:
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _resolve(self, t: Task) -> RewardResult:
         name = self.specs[t.spec].name
-        if t.abandoned:
+        if t.timed_out:
             self._counts["reward/timeouts"] += 1
             self._counts[f"reward/{name}/timeouts"] += 1
             if self.strict:
@@ -118,32 +153,31 @@ class RewardScorer:
             self._counts[f"reward/{name}/errors"] += 1
             if self.strict:
                 raise RewardError(f"reward {name!r} failed on sample {t.index}: {t.error!r}") from t.error
-            return RewardResult(0.0, f"{name}: error {type(t.error).__name__}: {str(t.error)[:120]}")
+            return RewardResult(0.0, f"{name}: error {t.error_type}: {str(t.error)[:120]}")
         assert t.result is not None
         if t.result.score == 0.0 and t.result.reason:
             self._counts[f"reward/{name}/zero"] += 1
         return t.result
 
-    def _stop_if_broken(self, tasks: list[_Task], inputs: list[RewardInput]) -> None:
-        failed = sorted({t.index for t in tasks if t.error is not None and not t.abandoned})
+    def _stop_if_broken(self, tasks: list[Task], inputs: list[RewardInput]) -> None:
+        failed = sorted({t.index for t in tasks if t.error is not None})
         if not inputs or len(failed) < self.stop_error_fraction * len(inputs):
             return
-        first = next(t for t in tasks if t.error is not None and not t.abandoned)
-        assert first.error is not None
-        trace = "".join(traceback.format_exception(first.error)).rstrip()
+        first = next(t for t in tasks if t.error is not None)
         raise RewardError(
             f"reward {self.specs[first.spec].name!r} failed on {len(failed)} of {len(inputs)} samples "
             f"(reward.stop_error_fraction={self.stop_error_fraction}); "
             f"first failure, on sample {first.index} "
-            f"(prompt {first.inp.prompt[:200]!r}, completion {first.inp.completion[:200]!r}):\n{trace}"
+            f"(prompt {first.inp.prompt[:200]!r}, completion {first.inp.completion[:200]!r}):\n{first.trace}"
         ) from first.error
 
     def score(self, inputs: list[RewardInput]) -> list[RewardResult]:
         """Combined results in input order; one failing sample or reward never loses the others."""
-        tasks = [_Task(i, j, inp) for i, inp in enumerate(inputs) for j in range(len(self.rewards))]
-        for t in tasks:
-            self._queue.put(t)
-        self._wait(tasks)
+        if self._closed:
+            raise RuntimeError("RewardScorer: score() after close()")
+        tasks = [Task(i, j, inp) for i, inp in enumerate(inputs) for j in range(len(self.rewards))]
+        with self._lock:
+            self._pool.run(tasks)
         self._stop_if_broken(tasks, inputs)
         out: list[RewardResult] = []
         for i in range(len(inputs)):

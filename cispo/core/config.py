@@ -171,12 +171,15 @@ class RewardConfig:
     # Stop the run (with the plugin's traceback and the sample) once this fraction of a step's samples
     # hit a reward that raised; 1.0 stops only when every sample failed. reward/errors is always logged.
     stop_error_fraction: float = 1.0
+    # "process": rewards run in worker processes, and a timed-out one is killed; "thread": in this process.
+    isolation: str = "process"
 
     def __post_init__(self) -> None:
         _require(len(self.rewards) > 0, "reward.rewards", "needs at least one reward")
         _require(self.timeout_s > 0, "reward.timeout_s", "must be > 0")
         _require(self.max_workers >= 1, "reward.max_workers", "must be >= 1 (0 would score nothing, forever)")
         _require(0 < self.stop_error_fraction <= 1, "reward.stop_error_fraction", "must be in (0, 1]")
+        _require(self.isolation in ("process", "thread"), "reward.isolation", "one of ['process', 'thread']")
 
 
 @dataclass

@@ -73,6 +73,7 @@ def build_scorer(cfg: TrainConfig) -> RewardScorer:
         strict=cfg.reward.strict,
         max_workers=cfg.reward.max_workers,
         stop_error_fraction=cfg.reward.stop_error_fraction,
+        isolation=cfg.reward.isolation,
     )
 
 
