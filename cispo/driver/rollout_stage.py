@@ -142,6 +142,9 @@ class RolloutStage:
 
     def close(self) -> None:
         self.manager.shutdown()
+        self.scorer.close()
+        if self.eval_scorer is not self.scorer:
+            self.eval_scorer.close()
 
 
 def rollout_metrics(seen: list[Sample], kept: list[Sample], learner_version: int) -> dict[str, float]:
