@@ -185,12 +185,12 @@ def evaluate_only(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
         result = stage.evaluate(LengthCurriculum(cfg.curriculum, cfg.rollout.max_new_tokens).budget)
         tracker.log(0, {"eval/accuracy": result.accuracy, "eval/ran": 1, "eval/final": 1, **result.metrics})
         tracker.log_samples(0, _table_rows(result.samples, len(result.samples)), table="eval")
+        tracker.print(
+            f"held-out accuracy of {cfg.model.name}: {result.accuracy:.4f} ({len(result.samples)} samples)"
+        )
     finally:
         stage.close()
         tracker.close()
-    tracker.print(
-        f"held-out accuracy of {cfg.model.name}: {result.accuracy:.4f} ({len(result.samples)} samples)"
-    )
     return {"final_eval_accuracy": result.accuracy, "samples": float(len(result.samples))}
 
 

@@ -141,6 +141,8 @@ class Tracker:
         self._write_log(message)
 
     def _write_log(self, message: str) -> None:
+        if self._log_file.closed:  # a message after close (a late stage message) still reaches stdout
+            return
         self._log_file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
         self._log_file.flush()
 
