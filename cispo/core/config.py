@@ -360,12 +360,27 @@ class ExperimentConfig:
         _require(self.max_time_s >= 0, "experiment.max_time_s", "must be >= 0 (0: no limit)")
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass
 class ClusterConfig:
+    """Where the processes run. Learner ranks and rollout workers each get a Ray placement group: one
+    bundle per learner rank ({GPU: 1, CPU: learner_cpus_per_rank}, or CPUs only on a CPU cluster) and one
+    per rollout worker ({GPU: rollout.num_gpus_per_worker, CPU: rollout.num_cpus_per_worker}), laid out
+    over the nodes by `placement_strategy`. `learner_gpus` and `rollout_gpus` state the GPU split
+    explicitly: they must equal learner.num_ranks (deepspeed) and rollout.num_workers x
+    rollout.num_gpus_per_worker, and add up to at most num_nodes x gpus_per_node."""
+
     num_cpus: int = 2  # CPUs of the local Ray instance (unused with ray_address)
     ray_address: str = ""  # empty: start a local Ray instance
     num_nodes: int = 1  # with ray_address: the live nodes the cluster must have at start-up
     gpus_per_node: int = 0  # GPUs each of those nodes must have; the local instance gets this many
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (Ray placement groups)
+    learner_cpus_per_rank: float = 1.0  # CPUs reserved for each learner rank's bundle
+    learner_gpus: int = 0  # GPUs serving the learner (one per rank); 0 on a CPU cluster
+    rollout_gpus: int = 0  # GPUs serving rollout (num_workers x num_gpus_per_worker); 0 on CPU
+    weight_sync: str = "auto"  # auto | broadcast | object_store (auto: broadcast for ranked learners)
 
     def __post_init__(self) -> None:
         _require(self.num_cpus >= 1, "cluster.num_cpus", "must be >= 1")
@@ -375,6 +390,24 @@ class ClusterConfig:
             bool(self.ray_address) or self.num_nodes == 1,
             "cluster.num_nodes",
             f"{self.num_nodes} nodes need cluster.ray_address (a local Ray instance is one node)",
+        )
+        _require(
+            self.placement_strategy in PLACEMENT_STRATEGIES,
+            "cluster.placement_strategy",
+            f"one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}",
+        )
+        _require(self.learner_cpus_per_rank > 0, "cluster.learner_cpus_per_rank", "must be > 0")
+        _require(min(self.learner_gpus, self.rollout_gpus) >= 0, "cluster.learner_gpus", "must be >= 0")
+        _require(
+            self.learner_gpus + self.rollout_gpus <= self.num_nodes * self.gpus_per_node,
+            "cluster.learner_gpus",
+            f"learner_gpus + rollout_gpus = {self.learner_gpus + self.rollout_gpus} exceed the allocation "
+            f"of num_nodes x gpus_per_node = {self.num_nodes * self.gpus_per_node}",
+        )
+        _require(
+            self.weight_sync in ("auto", "broadcast", "object_store"),
+            "cluster.weight_sync",
+            f"auto, broadcast or object_store, got {self.weight_sync!r}",
         )
 
 
