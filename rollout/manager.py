@@ -18,7 +18,7 @@ import torch
 
 from cispo.core.types import Generation, PromptGroup, Sample, SamplingParams
 from rollout.engine import build_engine
-from rollout.weight_sync import ObjectStoreWeightSync, to_cpu_state_dict
+from rollout.weight_sync import BroadcastWeightSync, ObjectStoreWeightSync, to_cpu_state_dict
 from rollout.worker import RolloutWorker
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,8 @@ class RolloutManager:
         worker_timeout_s: float = 1800.0,
         start_timeout_s: float = 1800.0,
         restart_window_s: float = 3600.0,
+        placement_strategy: str | None = None,
+        weight_sync: Any = None,
     ) -> None:
         import ray
 
@@ -166,16 +168,22 @@ class RolloutManager:
         self.restart_window_s = restart_window_s
         self.num_threads = num_threads_per_worker or max(1, int(num_cpus_per_worker))
         # Restarts are ours, not Ray's: a restarted actor must also get the latest weights back.
-        self._actor_cls = ray.remote(RolloutWorker).options(
-            num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker, max_restarts=0
+        self._actor_cls = ray.remote(RolloutWorker)
+        self._actor_options = {
+            "num_cpus": num_cpus_per_worker,
+            "num_gpus": num_gpus_per_worker,
+            "max_restarts": 0,
+        }
+        self._group = self._placement_group(
+            placement_strategy, num_workers, num_cpus_per_worker, num_gpus_per_worker, start_timeout_s
         )
-        self._sync = ObjectStoreWeightSync()
+        self._sync = weight_sync if weight_sync is not None else ObjectStoreWeightSync()
         self._clock = time.monotonic  # the restart window's clock (a test may replace it)
         self._restart_times: list[deque[float]] = [deque() for _ in range(num_workers)]
         self.restarts = [0] * num_workers  # per slot, over the manager's life
         self._events = {"restarts": 0, "timeouts": 0}  # since the previous generate()
         self._totals = {"restarts_total": 0, "timeouts_total": 0}
-        self.workers = [self._start_worker() for _ in range(num_workers)]
+        self.workers = [self._start_worker(slot) for slot in range(num_workers)]
         readies = dict(enumerate(w.ready.remote() for w in self.workers))
         _, failed = self._await(readies, start_timeout_s, "rollout.worker_start_timeout_s")
         if failed:
@@ -185,8 +193,46 @@ class RolloutManager:
         self.version = 0
         self.last_timings: dict[str, float] = {}
 
-    def _start_worker(self) -> Any:
-        return self._actor_cls.remote(self.engine_name, self.engine_kwargs, self.num_threads)
+    @staticmethod
+    def _placement_group(
+        strategy: str | None, workers: int, cpus: float, gpus: float, timeout_s: float
+    ) -> Any:
+        """One bundle per worker slot, laid out by `strategy` (None: Ray places workers freely)."""
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        if strategy is None:
+            return None
+        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        group = placement_group([dict(bundle) for _ in range(workers)], strategy=strategy)
+        ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+        if not ready:
+            remove_placement_group(group)
+            raise RuntimeError(
+                f"rollout placement: {workers} bundles of {bundle} with strategy {strategy} did not fit the "
+                f"Ray cluster within {timeout_s:g} s (resources: {ray.cluster_resources()})"
+            )
+        return group
+
+    def _start_worker(self, slot: int) -> Any:
+        """A worker in slot `slot`'s bundle of the placement group (a restart lands where the slot was)."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        options = dict(self._actor_options)
+        if self._group is not None:
+            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                self._group, placement_group_bundle_index=slot
+            )
+        return self._actor_cls.options(**options).remote(
+            self.engine_name, self.engine_kwargs, self.num_threads
+        )
+
+    def placement(self) -> list[dict[str, Any]]:
+        """(role, slot, node) of every worker, for placement.json."""
+        import ray
+
+        nodes = ray.get([w.node.remote() for w in self.workers], timeout=self.start_timeout_s)
+        return [{"role": "rollout", "slot": slot, **node} for slot, node in enumerate(nodes)]
 
     def _await(
         self, refs: dict[int, Any], timeout_s: float, key: str
@@ -237,7 +283,7 @@ class RolloutManager:
             self._charge(slot, why)
             log.warning("rollout worker slot %d %s; restarting (restart %d)", slot, why, self.restarts[slot])
             ray.kill(self.workers[slot], no_restart=True)
-            self.workers[slot] = worker = self._start_worker()
+            self.workers[slot] = worker = self._start_worker(slot)
             pending_load = self._sync.restore(worker)
             ref = pending_load if pending_load is not None else worker.ready.remote()
             _, failed = self._await({slot: ref}, self.start_timeout_s, "rollout.worker_start_timeout_s")
@@ -335,9 +381,71 @@ class RolloutManager:
         log.debug("weight sync to version %d: %.3f s (%d workers)", version, latency, len(self.workers))
         return latency
 
+    @property
+    def broadcasts(self) -> bool:
+        """Whether weights come straight from the learner (broadcast_weights) rather than as a state dict."""
+        return isinstance(self._sync, BroadcastWeightSync)
+
+    def broadcast_weights(self, version: int) -> float:
+        """The learner's current weights to every worker over the weight channel, as `version`; returns
+        the sync latency. The driver only waits: tensors go from learner rank 0 to the engines.
+
+        A worker that dies or does not load within worker_timeout_s breaks the broadcast: the sender's
+        side fails too (gloo sees the peer go, or times out), the group is rebuilt at the next push, and
+        the worker is restarted with the learner's weights from the object store (BroadcastWeightSync)."""
+        import ray
+
+        start = time.perf_counter()
+        loads, sends = self._sync.push(self.workers, version, self.worker_timeout_s)
+        failed = self._settle(loads, "rollout.worker_timeout_s")
+        try:
+            ray.get(sends, timeout=self.worker_timeout_s)
+        except Exception as err:  # noqa: BLE001 - a sender stuck on a dead peer; the group is rebuilt
+            if not failed:
+                raise RuntimeError(
+                    f"weight broadcast to version {version} failed on the learner: {err}"
+                ) from err
+            log.warning("weight broadcast to version %d: the sender failed with a worker (%s)", version, err)
+        if failed:
+            self._sync.broken()
+        for slot, why in failed.items():
+            if why.startswith("died") or why.startswith("did not answer"):
+                self._restart(slot, why)
+            else:  # alive, but its weights are half-loaded: load the learner's from the object store
+                self._settle({slot: self._sync.restore(self.workers[slot])}, "rollout.worker_timeout_s", True)
+        latency = self._sync.last_latency_s = time.perf_counter() - start
+        self.version = version
+        self.last_timings.update({"weight_sync_s": latency, **self._event_timings()})
+        return latency
+
+    def _settle(self, refs: dict[int, Any], key: str, strict: bool = False) -> dict[int, str]:
+        """Like _await, but an exception inside a worker is a failure of its slot too (a broken collective
+        shows up as one on every receiver), unless `strict`, where it propagates."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        done, late = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.worker_timeout_s)
+        by_ref = {ref: slot for slot, ref in refs.items()}
+        failed = {by_ref[ref]: f"did not answer within {key}={self.worker_timeout_s:g} s" for ref in late}
+        self._count("timeouts", len(late))
+        for ref in done:
+            try:
+                ray.get(ref)
+            except RayActorError as err:
+                failed[by_ref[ref]] = f"died: {err}"
+            except Exception as err:  # noqa: BLE001
+                if strict:
+                    raise
+                failed[by_ref[ref]] = f"broadcast failed: {err}"
+        return failed
+
     def shutdown(self) -> None:
         import ray
+        from ray.util.placement_group import remove_placement_group
 
         for worker in self.workers:
             ray.kill(worker, no_restart=True)
         self.workers = []
+        if self._group is not None:
+            remove_placement_group(self._group)
+            self._group = None

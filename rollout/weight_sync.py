@@ -12,18 +12,26 @@ Both are versioned: workers stamp every sample with the version of the weights t
 
 from __future__ import annotations
 
-import datetime
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
-import torch.distributed as dist
 
-_BUCKET_BYTES = 256 * 2**20
+from cispo.core.weight_channel import (  # noqa: F401 - re-exported: the engines' side of the channel
+    BUCKET_BYTES,
+    DRIVER_REFUSES_WEIGHTS,
+    TensorMeta,
+    broadcast_state_dict,
+    init_weight_group,
+    iter_received,
+    receive_state_dict,
+    refuse_weights_here,
+    state_dict_metas,
+)
 
 
 def to_cpu_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    refuse_weights_here("object-store weight sync")
     # detach() drops autograd history (not picklable with grads); contiguous() keeps serialisation flat.
     return {name: t.detach().to("cpu").contiguous() for name, t in state_dict.items()}
 
@@ -52,76 +60,75 @@ class ObjectStoreWeightSync:
         return None if self.ref is None else worker.load_weights.remote(self.ref, self.version)
 
 
-@dataclass(frozen=True)
-class TensorMeta:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
+class WeightSource(Protocol):
+    """The learner's side of the broadcast as BroadcastWeightSync drives it. Calls that run on learner
+    ranks return Ray refs, so the sync waits on the learner and the engines together."""
+
+    def weight_metas(self) -> list[TensorMeta]: ...
+    def weight_group_address(self) -> tuple[str, int]: ...
+    def join_weight_group(self, host: str, port: int, world_size: int, backend: str) -> list[Any]: ...
+    def send_weights(self, bucket_bytes: int) -> list[Any]: ...
+    def weights_ref(self) -> Any: ...
 
 
-def init_weight_group(
-    host: str, port: int, rank: int, world_size: int, backend: str = "nccl", timeout_s: float = 600.0
-) -> Any:
-    """A standalone process group (not the default one): rank 0 is the learner, ranks 1.. are engines."""
-    timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, port, world_size, is_master=rank == 0, timeout=timeout)
-    prefix = dist.PrefixStore("cispo_weight_sync", store)
-    if backend == "gloo":
-        return dist.ProcessGroupGloo(prefix, rank, world_size, timeout)
-    if backend == "nccl":
-        if not dist.is_nccl_available():
-            raise RuntimeError(
-                "weight sync: this torch build has no NCCL (use backend='gloo' or the object store)"
-            )
-        options = dist.ProcessGroupNCCL.Options()
-        options._timeout = timeout
-        return dist.ProcessGroupNCCL(prefix, rank, world_size, options)
-    raise ValueError(f"weight sync: unknown backend {backend!r}; known: gloo, nccl")
+class BroadcastWeightSync:
+    """Learner rank 0 -> every engine over the weight channel (cispo/core/weight_channel.py): the driver
+    hands out versions and waits; the tensors never pass through it.
 
+    The group spans the sender and the current workers. A restarted worker cannot join a live group: it
+    loads the learner's current weights from an object that learner rank 0 put in the object store (the
+    driver passes the reference, not the tensors), and the group is rebuilt with it before the next push.
+    """
 
-def state_dict_metas(state_dict: dict[str, torch.Tensor]) -> list[TensorMeta]:
-    return [TensorMeta(name, tuple(t.shape), t.dtype) for name, t in state_dict.items()]
+    def __init__(self, source: WeightSource, backend: str = "gloo", bucket_bytes: int = BUCKET_BYTES) -> None:
+        self.source, self.backend, self.bucket_bytes = source, backend, bucket_bytes
+        self.version = 0
+        self.last_latency_s = 0.0
+        self._members: list[Any] | None = None
+        self._metas: list[TensorMeta] | None = None
+        self._ref: Any = None
 
+    def connect(self, workers: list[Any], timeout_s: float) -> None:
+        import ray
 
-def _buckets(metas: list[TensorMeta]) -> list[list[TensorMeta]]:
-    """Consecutive same-dtype runs of tensors, each at most ~_BUCKET_BYTES (one tensor may exceed it)."""
-    buckets: list[list[TensorMeta]] = []
-    size = 0
-    for meta in metas:
-        nbytes = torch.Size(meta.shape).numel() * meta.dtype.itemsize
-        if not buckets or buckets[-1][0].dtype != meta.dtype or size + nbytes > _BUCKET_BYTES:
-            buckets.append([])
-            size = 0
-        buckets[-1].append(meta)
-        size += nbytes
-    return buckets
+        host, port = self.source.weight_group_address()
+        world = len(workers) + 1
+        refs = self.source.join_weight_group(host, port, world, self.backend)
+        refs += [
+            w.init_weight_group.remote(host, port, i + 1, world, self.backend) for i, w in enumerate(workers)
+        ]
+        ray.get(refs, timeout=timeout_s)
+        self._members = list(workers)
 
+    def push(self, workers: list[Any], version: int, timeout_s: float) -> tuple[dict[int, Any], list[Any]]:
+        """Starts one broadcast of the learner's weights as `version`: (per-slot loads, the sender's refs)."""
+        if (
+            self._members is None
+            or len(self._members) != len(workers)
+            or any(a is not b for a, b in zip(self._members, workers))
+        ):
+            self.connect(workers, timeout_s)
+        if self._metas is None:
+            self._metas = self.source.weight_metas()
+        loads = {
+            slot: w.receive_weights.remote(self._metas, version, self.bucket_bytes)
+            for slot, w in enumerate(workers)
+        }
+        sends = self.source.send_weights(self.bucket_bytes)
+        self.version, self._ref = version, None
+        return loads, sends
 
-def _broadcast(group: Any, tensor: torch.Tensor) -> None:
-    opts = dist.BroadcastOptions()
-    opts.rootRank = 0
-    group.broadcast([tensor], opts).wait()
+    def broken(self) -> None:
+        """A push failed part-way: rebuild the group before the next one."""
+        self._members = None
 
-
-def broadcast_state_dict(group: Any, state_dict: dict[str, torch.Tensor], device: str | torch.device) -> None:
-    """Learner side (rank 0): send every tensor, bucketed in the order of state_dict_metas."""
-    for bucket in _buckets(state_dict_metas(state_dict)):
-        flat = torch.cat([state_dict[m.name].detach().to(device).reshape(-1) for m in bucket])
-        _broadcast(group, flat)
-
-
-def receive_state_dict(
-    group: Any, metas: list[TensorMeta], device: str | torch.device
-) -> dict[str, torch.Tensor]:
-    """Engine side: receive the tensors rank 0 broadcasts for `metas`."""
-    out: dict[str, torch.Tensor] = {}
-    for bucket in _buckets(metas):
-        numels = [torch.Size(m.shape).numel() for m in bucket]
-        flat = torch.empty(sum(numels), dtype=bucket[0].dtype, device=device)
-        _broadcast(group, flat)
-        for meta, piece in zip(bucket, torch.split(flat, numels)):
-            out[meta.name] = piece.view(meta.shape)
-    return out
+    def restore(self, worker: Any) -> Any:
+        """A pending load of the learner's current weights on a fresh worker (None before any push)."""
+        if self.version == 0:
+            return None
+        if self._ref is None:
+            self._ref = self.source.weights_ref()
+        return worker.load_weights.remote(self._ref, self.version)
 
 
 class NcclWeightSync:

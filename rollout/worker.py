@@ -13,7 +13,7 @@ import torch
 
 from cispo.core.types import Generation, SamplingParams
 from rollout.engine import build_engine
-from rollout.weight_sync import TensorMeta, init_weight_group, receive_state_dict
+from rollout.weight_sync import BUCKET_BYTES, TensorMeta, init_weight_group, iter_received
 
 
 class RolloutWorker:
@@ -54,11 +54,26 @@ class RolloutWorker:
         else:
             self._group = init_weight_group(host, port, rank, world_size, backend)
 
-    def receive_weights(self, metas: list[TensorMeta], version: int) -> float:
+    def receive_weights(
+        self, metas: list[TensorMeta], version: int, bucket_bytes: int = BUCKET_BYTES
+    ) -> float:
+        """One broadcast from learner rank 0, loaded bucket by bucket (one bucket of extra memory)."""
         start = time.perf_counter()
         if hasattr(self.engine, "receive_weights"):
             self.engine.receive_weights(metas, version)
         else:
             device = getattr(self.engine, "device", "cpu")
-            self.engine.load_weights(receive_state_dict(self._group, metas, device), version)
+            for part in iter_received(self._group, metas, device, bucket_bytes):
+                self.engine.load_weights(part, version)
         return time.perf_counter() - start
+
+    def node(self) -> dict[str, Any]:
+        """Where this worker runs (for placement.json)."""
+        import ray
+
+        context = ray.get_runtime_context()
+        return {
+            "node_ip": ray.util.get_node_ip_address(),
+            "node_id": context.get_node_id(),
+            "pid": os.getpid(),
+        }

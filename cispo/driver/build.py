@@ -8,9 +8,11 @@ the loop between building the policy and building the stages that use it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +20,18 @@ import torch
 
 from cispo.algo.advantages import AdvantageFn, get_advantage
 from cispo.core.config import TrainConfig
+from cispo.core.registry import callable_from
 from cispo.driver.checkpoint import checkpoint_step
 from cispo.driver.curriculum import LengthCurriculum
 from cispo.driver.data import PromptStream, eval_groups, load_split
 from cispo.driver.export import INIT_DIR
-from cispo.driver.policy import build_policy, count_parameters, load_tokenizer
+from cispo.driver.policy import build_policy, count_parameters, load_policy, load_tokenizer
 from cispo.driver.rollout_stage import RolloutStage
 from cispo.driver.tracking import Tracker
-from cispo.learner import Learner, build_learner
+from cispo.learner import LEARNERS, Learner, build_learner
 from rewards.scorer import RewardScorer, RewardSpec
 from rollout.manager import LocalRolloutManager, RolloutManager
+from rollout.weight_sync import BroadcastWeightSync
 
 
 @dataclass
@@ -58,23 +62,36 @@ def build_tracker(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> 
     )
 
 
-def build_model(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
-    """The initial policy and its tokenizer (seeded: the same config gives the same initial weights)."""
+def build_model(cfg: TrainConfig, materialise: bool = True) -> tuple[torch.nn.Module | None, Any]:
+    """The initial policy (None unless `materialise`) and its tokenizer (seeded: the same config gives
+    the same initial weights)."""
     torch.manual_seed(cfg.experiment.seed)
     torch.set_num_threads(cfg.learner.num_threads)
     tokenizer = load_tokenizer(cfg.model.tokenizer_spec())
+    if not materialise:
+        return None, tokenizer
     return build_policy(cfg.model, tokenizer, seed=cfg.experiment.seed), tokenizer
 
 
-def build_scorer(cfg: TrainConfig) -> RewardScorer:
-    return RewardScorer(
-        [RewardSpec(r.name, r.weight, dict(r.kwargs)) for r in cfg.reward.rewards],
-        timeout_s=cfg.reward.timeout_s,
-        strict=cfg.reward.strict,
-        max_workers=cfg.reward.max_workers,
-        stop_error_fraction=cfg.reward.stop_error_fraction,
-        isolation=cfg.reward.isolation,
-    )
+def build_scorer(cfg: TrainConfig) -> Any:
+    """The reward scorer: in the driver, or (reward.num_actors > 0) on Ray reward actors, which the
+    training and evaluation scorers share (each keeps its own counters)."""
+    specs = [RewardSpec(r.name, r.weight, dict(r.kwargs)) for r in cfg.reward.rewards]
+    kwargs: dict[str, Any] = {
+        "timeout_s": cfg.reward.timeout_s,
+        "strict": cfg.reward.strict,
+        "max_workers": cfg.reward.max_workers,
+        "stop_error_fraction": cfg.reward.stop_error_fraction,
+        "isolation": cfg.reward.isolation,
+    }
+    if cfg.reward.num_actors > 0:
+        from rewards.actor_pool import RewardActorPool
+
+        start_ray(cfg)
+        return RewardActorPool.shared(
+            specs, num_actors=cfg.reward.num_actors, cpus_per_actor=cfg.reward.cpus_per_actor, **kwargs
+        )
+    return RewardScorer(specs, **kwargs)
 
 
 def engine_kwargs(cfg: TrainConfig, model_dir: Path | None, threads: int) -> dict[str, Any]:
@@ -124,14 +141,29 @@ def start_ray(cfg: TrainConfig) -> None:
         ray.init(address=cfg.cluster.ray_address)
         check_cluster(cfg, ray.nodes())
     else:
-        # A short temp dir: Ray's socket paths must stay under 108 characters.
+        # A short temp dir: Ray's socket paths must stay under 108 characters. Logical CPUs only schedule
+        # (every process sets its own thread count), so the instance is at least as big as the placement.
         ray.init(
-            num_cpus=cfg.cluster.num_cpus,
+            num_cpus=max(cfg.cluster.num_cpus, local_cpu_demand(cfg)),
             num_gpus=cfg.cluster.gpus_per_node,
             include_dashboard=False,
             log_to_driver=True,
             _temp_dir=f"/tmp/ray_cispo_{os.getpid()}",
         )
+
+
+def local_cpu_demand(cfg: TrainConfig) -> int:
+    """The logical CPUs the Ray actors of this run reserve: rollout workers, learner ranks, reward actors."""
+    demand = cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker if cfg.rollout.backend == "ray" else 0
+    if ranked_learner(cfg):
+        demand += cfg.learner.num_ranks * cfg.cluster.learner_cpus_per_rank
+    demand += getattr(cfg.reward, "num_actors", 0) * getattr(cfg.reward, "cpus_per_actor", 1.0)
+    return int(demand + 0.999)
+
+
+def ranked_learner(cfg: TrainConfig) -> bool:
+    """Whether the learner backend runs on Ray actors of its own (a class attribute `ray_ranks`)."""
+    return bool(getattr(callable_from(LEARNERS, cfg.learner.backend), "ray_ranks", False))
 
 
 def check_cluster(cfg: TrainConfig, nodes: list[dict[str, Any]]) -> None:
@@ -151,11 +183,16 @@ def check_cluster(cfg: TrainConfig, nodes: list[dict[str, Any]]) -> None:
         )
 
 
-def build_rollout_manager(cfg: TrainConfig, model_dir: Path) -> Any:
+def build_rollout_manager(cfg: TrainConfig, model_dir: Path, learner: Learner | None = None) -> Any:
+    """The engines over `model_dir`; with a learner on Ray ranks (and cluster.weight_sync auto or
+    broadcast), weights come to them straight from learner rank 0 over the weight channel."""
     kwargs = engine_kwargs(cfg, model_dir, cfg.rollout.threads_per_worker)
     if cfg.rollout.backend == "local":
         return LocalRolloutManager(cfg.rollout.engine, kwargs)
     start_ray(cfg)
+    sync = None
+    if learner is not None and cfg.cluster.weight_sync != "object_store" and ranked_learner(cfg):
+        sync = BroadcastWeightSync(learner, backend="nccl" if cfg.rollout.num_gpus_per_worker else "gloo")
     return RolloutManager(
         cfg.rollout.engine,
         kwargs,
@@ -166,24 +203,95 @@ def build_rollout_manager(cfg: TrainConfig, model_dir: Path) -> Any:
         worker_timeout_s=cfg.rollout.worker_timeout_s,
         start_timeout_s=cfg.rollout.worker_start_timeout_s,
         restart_window_s=cfg.rollout.restart_window_s,
+        placement_strategy=cfg.cluster.placement_strategy,
+        weight_sync=sync,
     )
 
 
-def save_initial_policy(run_dir: Path, model: torch.nn.Module, tokenizer: Any, resumed: bool) -> Path:
-    """`<run dir>/policy_init`: what the engines load first, and the architecture and tokenizer every HF
-    export takes. Written once: on resume the model here is a fresh init, and the engines get the
-    checkpoint's weights by sync anyway."""
+def save_initial_policy(
+    run_dir: Path, model: torch.nn.Module | None, tokenizer: Any, resumed: bool, source: str = ""
+) -> Path:
+    """`<run dir>/policy_init`: what the engines and learner ranks load first, and the architecture and
+    tokenizer every HF export takes. Written once: on resume the model here is a fresh init, and the
+    engines get the checkpoint's weights by sync anyway. Without a model in this process (a learner on Ray
+    ranks over a pretrained directory), its weight files are linked from `source`, not read."""
     model_dir = run_dir / INIT_DIR
-    if not (resumed and (model_dir / "config.json").exists()):
+    if resumed and (model_dir / "config.json").exists():
+        return model_dir
+    if model is not None:
         model.save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
+    else:
+        link_pretrained(Path(source), model_dir)
+    tokenizer.save_pretrained(model_dir)
     return model_dir
+
+
+def link_pretrained(source: Path, into: Path) -> None:
+    """Weight files as symlinks (no copy of a large model), the small files copied."""
+    import shutil
+
+    if not (source / "config.json").is_file():
+        raise ValueError(f"config error at model.name: {source} is not a local Hugging Face model directory")
+    into.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        target = into / item.name
+        if target.exists() or target.is_symlink():
+            target.unlink()
+        if item.name.endswith((".safetensors", ".bin")) or item.name.endswith(".index.json"):
+            target.symlink_to(item.resolve())
+        elif item.is_file():
+            shutil.copy2(item, target)
+
+
+def build_learner_stage(cfg: TrainConfig, model: torch.nn.Module | None, model_dir: Path) -> Learner:
+    """The learner. One on Ray ranks loads the policy from `model_dir` on each rank (the driver passes a
+    loader, never the weights) and is placed by the cluster config; one in this process takes `model`."""
+    kwargs: dict[str, Any] = {
+        "cfg": cfg.learner,
+        "algorithm": cfg.algorithm,
+        "total_steps": cfg.experiment.total_steps,
+        "temperature": cfg.rollout.temperature,
+    }
+    if not ranked_learner(cfg):
+        return build_learner(cfg.learner.backend, model=model, **kwargs)
+    start_ray(cfg)
+    return build_learner(
+        cfg.learner.backend,
+        model=partial(load_policy, str(model_dir), cfg.model),
+        placement_strategy=cfg.cluster.placement_strategy,
+        cpus_per_rank=cfg.cluster.learner_cpus_per_rank,
+        gpus_per_rank=1.0 if cfg.cluster.gpus_per_node else 0.0,
+        threads_per_rank=max(1, cfg.learner.num_threads),
+        **kwargs,
+    )
+
+
+def write_placement(run_dir: Path, learner: Learner, manager: Any, tracker: Tracker) -> None:
+    """`<run dir>/placement.json` and one printed line per process: role, rank or slot, node."""
+    import socket
+
+    entries: list[dict[str, Any]] = [{"role": "driver", "node_ip": _driver_ip(), "pid": os.getpid()}]
+    entries += list(getattr(learner, "placement", None) or [{"role": "learner", "rank": 0, "in": "driver"}])
+    entries += manager.placement() if hasattr(manager, "placement") else [{"role": "rollout", "in": "driver"}]
+    (run_dir / "placement.json").write_text(
+        json.dumps({"host": socket.gethostname(), "processes": entries}, indent=2)
+    )
+    for entry in entries:
+        index = entry.get("rank", entry.get("slot", ""))
+        where = entry.get("node_ip", entry.get("in", "?"))
+        tracker.print(f"placement: {entry['role']} {index} on {where}".replace("  ", " "))
+
+
+def _driver_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "local"
 
 
 def build_stages(
     cfg: TrainConfig,
     run_dir: Path,
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     tokenizer: Any,
     splits: tuple[Any, Any],
     tracker: Tracker,
@@ -191,18 +299,15 @@ def build_stages(
 ) -> tuple[Stages, dict[str, float]]:
     """The learner (taking `model`), the rollout stage (engines loading the saved initial policy), the
     curriculum; returns them with construction facts for the first metrics row."""
-    model_dir = save_initial_policy(run_dir, model, tokenizer, resumed)
-    learner = build_learner(
-        cfg.learner.backend,
-        model=model,
-        cfg=cfg.learner,
-        algorithm=cfg.algorithm,
-        total_steps=cfg.experiment.total_steps,
-        temperature=cfg.rollout.temperature,
-    )
+    model_dir = save_initial_policy(run_dir, model, tokenizer, resumed, source=cfg.model.name)
+    learner = build_learner_stage(cfg, model, model_dir)
     start = time.perf_counter()
-    manager = build_rollout_manager(cfg, model_dir)
-    info = {"parameters": float(count_parameters(model)), "time/rollout_start_s": time.perf_counter() - start}
+    manager = build_rollout_manager(cfg, model_dir, learner)
+    info = {
+        "parameters": float(count_parameters(model_dir)),
+        "time/rollout_start_s": time.perf_counter() - start,
+    }
+    write_placement(run_dir, learner, manager, tracker)
     stream = PromptStream(splits[0], tokenizer, cfg.data, cfg.algorithm.group_size)
     eval_set = eval_groups(splits[1], tokenizer, cfg.data)
     rollout = RolloutStage(cfg, tokenizer, manager, (build_scorer(cfg), build_scorer(cfg)), stream, eval_set)

@@ -15,11 +15,19 @@ import torch
 
 from cispo.core.config import TrainConfig
 from cispo.core.types import Sample
-from cispo.driver.build import Stages, build_eval_only_stage, build_model, build_stages, build_tracker
+from cispo.driver.build import (
+    Stages,
+    build_eval_only_stage,
+    build_model,
+    build_stages,
+    build_tracker,
+    ranked_learner,
+)
 from cispo.driver.checkpoint import find_resume_point, load_checkpoint, save_checkpoint
 from cispo.driver.curriculum import LengthCurriculum
 from cispo.driver.data import load_splits
 from cispo.driver.export import HF_DIR, INIT_DIR, export_hf
+from cispo.driver.policy import builds_in_driver
 from cispo.driver.tracking import plot_curves
 from cispo.driver.update import NonFiniteGuard, make_train_batch, train_keys, update_policy
 from cispo.driver.warmstart import warm_start_stage
@@ -49,7 +57,7 @@ class Loop:
         stages.rollout.stream.load_state_dict(state["data"])
         stages.curriculum.load_state_dict(state["curriculum"])
         apply_stage(cfg, stages)
-        stages.rollout.load_weights(stages.learner.state_dict_for_sync(), stages.learner.version)
+        stages.rollout.sync_weights(stages.learner)
         stages.tracker.print(f"resumed from {checkpoint} at step {self.step}")
 
 
@@ -64,8 +72,7 @@ def learn(cfg: TrainConfig, stages: Stages, samples: list[Sample], loop: Loop) -
     metrics.update(dict.fromkeys(train_keys(cfg.algorithm.loss), float("nan")))
     if batch is not None:
         metrics.update(update_policy(stages.learner, batch, cfg.algorithm, loop.generator, loop.nonfinite))
-        weights = stages.learner.state_dict_for_sync()
-        metrics["time/weight_sync_s"] = stages.rollout.load_weights(weights, stages.learner.version)
+        metrics["time/weight_sync_s"] = stages.rollout.sync_weights(stages.learner)
     return metrics
 
 
@@ -133,7 +140,10 @@ def evaluate(cfg: TrainConfig, stages: Stages, loop: Loop) -> dict[str, float]:
 def export_policy(stages: Stages) -> None:
     """The current policy in Hugging Face format under <run dir>/hf (replaced atomically)."""
     run_dir = stages.tracker.run_dir
-    export_hf(stages.learner.state_dict_for_sync(), run_dir / INIT_DIR, run_dir / HF_DIR)
+    if hasattr(stages.learner, "save_hf"):  # a learner on Ray ranks writes from rank 0
+        stages.learner.save_hf(run_dir / INIT_DIR, run_dir / HF_DIR)
+    else:
+        export_hf(stages.learner.state_dict_for_sync(), run_dir / INIT_DIR, run_dir / HF_DIR)
 
 
 def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
@@ -145,14 +155,16 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     tracker.print(
         f"run dir {run_dir}; loading policy {cfg.model.name} (tokenizer {cfg.model.tokenizer_spec()})"
     )
-    model, tokenizer = build_model(cfg)
+    warm = cfg.model.warmstart.enabled and resume_from is None
+    model, tokenizer = build_model(cfg, builds_in_driver(cfg.model, ranked_learner(cfg), warm))
     info: dict[str, float] = {}
-    if cfg.model.warmstart.enabled and resume_from is None:
+    if warm:
         info.update(warm_start_stage(cfg, model, tokenizer, splits, tracker.print))
     where = "in-process" if cfg.rollout.backend == "local" else f"{cfg.rollout.num_workers} Ray worker(s)"
     tracker.print(f"starting the {cfg.learner.backend} learner and the {cfg.rollout.engine} engine ({where})")
     stages, built = build_stages(cfg, run_dir, model, tokenizer, splits, tracker, resume_from is not None)
     info.update(built)
+    del model  # the learner holds its own (in this process) or loaded it on its ranks
     seconds = built["time/rollout_start_s"]
     tracker.print(f"policy: {info['parameters'] / 1e6:.2f}M parameters; rollout up in {seconds:.1f} s")
     loop = Loop(cfg.experiment.seed, cfg.learner.max_nonfinite_steps)
@@ -217,9 +229,16 @@ def run_loop(cfg: TrainConfig, stages: Stages, loop: Loop, info: dict[str, float
         # The last step's own evaluation, when it had one, is the final one: no second identical pass.
         fresh = evaluating and loop.step % cfg.experiment.eval_every != 0
         final = evaluate(cfg, stages, loop) if fresh else {"eval/accuracy": loop.last_eval, "eval/ran": 1}
-        stages.tracker.log(loop.step, {**final, "eval/final": 1})
+        stages.tracker.log(loop.step, {**final, "eval/final": 1, "driver/peak_rss_mb": driver_peak_rss_mb()})
     finally:
         pool.shutdown(wait=True)
+
+
+def driver_peak_rss_mb() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _drain(pending: Future | None) -> None:

@@ -128,5 +128,30 @@ def _cast_output(
     return output.to(dtype)
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def load_policy(path: str, cfg: ModelConfig) -> torch.nn.Module:
+    """The policy saved at `path`, with the model config's dtype and FP32 head: what each learner rank
+    runs (a module-level function, so `partial(load_policy, path, cfg)` pickles to the ranks)."""
+    import dataclasses
+
+    return build_policy(dataclasses.replace(cfg, name=path), tokenizer=None)
+
+
+def builds_in_driver(cfg: ModelConfig, ranked_learner: bool, warm_start: bool) -> bool:
+    """Whether the driver materialises the policy: for a learner in this process, for a warm start, and
+    for the built-in models (their initial weights are made here); never for a pretrained directory
+    trained by learner ranks on Ray."""
+    return not ranked_learner or warm_start or cfg.name in ("tiny_minimax", "smollm2_gguf")
+
+
+def count_parameters(model: torch.nn.Module | str | Path) -> int:
+    """Parameters of a module, or of a saved directory from its safetensors headers (no weights read)."""
+    if isinstance(model, torch.nn.Module):
+        return sum(p.numel() for p in model.parameters())
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(Path(model).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                total += int(torch.Size(handle.get_slice(key).get_shape()).numel())
+    return total

@@ -140,6 +140,13 @@ class RolloutStage:
         """New policy weights to every engine; returns the seconds it took."""
         return self.manager.update_weights(weights, version)
 
+    def sync_weights(self, learner: Any) -> float:
+        """The learner's current weights to every engine: straight from its rank 0 over the weight
+        channel when the manager was built for that, else as a state dict through this process."""
+        if getattr(self.manager, "broadcasts", False):
+            return self.manager.broadcast_weights(learner.version)
+        return self.load_weights(learner.state_dict_for_sync(), learner.version)
+
     def close(self) -> None:
         self.manager.shutdown()
         self.scorer.close()

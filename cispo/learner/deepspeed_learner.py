@@ -1,64 +1,54 @@
-"""The "deepspeed" learner: ZeRO-2/3 data parallelism over N rank processes, driven from the trainer.
+"""The "deepspeed" learner: ZeRO-2/3 data parallelism over N ranks, each a Ray actor, driven from the trainer.
 
-The trainer holds a DeepSpeedLearner, a facade with the Learner interface; the ranks are separate
-processes, each owning one DeepSpeed engine (cispo/learner/deepspeed_rank.py):
+The trainer holds a DeepSpeedLearner, a facade with the Learner interface; each rank is a DeepSpeedRank
+actor (cispo/learner/deepspeed_rank.py) owning one DeepSpeed engine:
 
-    learner = build_learner("deepspeed", model=model, cfg=cfg.learner, algorithm=cfg.algorithm,
+    learner = build_learner("deepspeed", model=load_fn, cfg=cfg.learner, algorithm=cfg.algorithm,
                             total_steps=cfg.experiment.total_steps, temperature=cfg.rollout.temperature)
     result = learner.train_step(minibatch)             # StepResult: one optimizer step over all ranks
-    for name, tensor in learner.iter_weights_for_sync(): ...   # or state_dict_for_sync()
+    learner.send_weights(...) / learner.save_hf(...)   # weights leave from rank 0, never via the driver
     learner.close()
+
+Placement: one Ray placement group with a bundle per rank ({"CPU": cpus_per_rank}, plus {"GPU": 1} on GPU
+clusters), laid out by `placement_strategy` (PACK, SPREAD, STRICT_PACK, STRICT_SPREAD), so ranks land on
+as many nodes as the strategy and the cluster give. Rank 0 names its node's address and a free port; every
+rank then joins torch.distributed there (NCCL on GPU, gloo on CPU) and initialises DeepSpeed. One code
+path for one node and for many. `placement` lists (rank, node) after start-up.
 
 One train_step: the driver computes the normalisation weights over the whole minibatch (so the per-token
 weights are global), splits the rows over ranks balancing tokens, cuts each rank's rows into token-budget
 micro-batches (learner.micro_batch_tokens), pads every rank to the same number of micro-batches with
 zero-weight dummies (ZeRO reduce-scatters inside every backward, so ranks must run the same number), and
-sends each rank its list. Each rank backpropagates world_size * (its share of the global loss), since
-ZeRO averages gradients over ranks, and the gradients summed over micro-batches and ranks are the
-full-minibatch gradient; engine.step() clips by the global norm and applies AdamW.
+sends each rank its list through Ray. Each rank backpropagates world_size * (its share of the global loss),
+since ZeRO averages gradients over ranks, and the gradients summed over micro-batches and ranks are the
+full-minibatch gradient; engine.step() clips by the global norm and applies AdamW. A non-finite global
+gradient norm makes DeepSpeed discard the step on every rank (gradients cleared, weights, optimizer and
+scheduler untouched); it is reported as `skipped_frac` 1, as the torch learner does, and the driver's
+NonFiniteGuard stops the run after learner.max_nonfinite_steps such steps in a row.
 
 Optimizer: torch.optim.AdamW(betas, eps=1e-15) handed to deepspeed.initialize (DeepSpeed's FusedAdam
 is CUDA-only and its CPUAdam JIT-compiles; torch's runs on the flat ZeRO partitions as they are).
 Precision: fp32, or bf16 with fp32 master weights when the model's parameters are bf16.
 
-Launchers
-- launcher="spawn" (default): the driver starts learner.num_ranks local subprocesses
-  (python -m cispo.learner.deepspeed_rank), sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT and
-  OMP_NUM_THREADS for each; on CPU the ranks set DS_ACCELERATOR=cpu (DeepSpeed then uses gloo). One rank
-  per GPU on a single node.
-- launcher="external" (multi-node): the driver listens on driver_address (host, port) with the shared
-  secret CISPO_LEARNER_AUTHKEY (hex) and waits for learner.num_ranks ranks started by a launcher:
+Model: a picklable zero-argument callable that builds or loads the policy on each rank (the driver passes
+one that loads the run's safetensors directory, so it never builds the model itself), or a module (small
+models in tests; it travels pickled through the object store once). Built normally, then partitioned by
+deepspeed.initialize; with zero_init and ZeRO-3 the callable's from_pretrained runs inside
+deepspeed.zero.Init and each rank loads only its shards. A randomly initialised MiniMax built inside
+zero.Init leaves its router and expert weights unset (NaN loss): tests/learner/test_deepspeed_learner.py
+shows it; loading every weight from a checkpoint does not have that problem.
 
-      export CISPO_LEARNER_AUTHKEY=$(python -c "import secrets; print(secrets.token_hex(16))")
-      # on each of the 4 nodes, 8 GPUs each (learner.num_ranks=32):
-      torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint $HEAD:29400 \
-          -m cispo.learner.deepspeed_rank --driver $DRIVER_HOST:$DRIVER_PORT
-      # or: deepspeed --hostfile hosts --num_gpus 8 --module cispo.learner.deepspeed_rank --driver ...
-
-  The model travels from the driver to every rank pickled; for large models pass `model` as a picklable
-  zero-argument callable that builds (or loads) it on the rank instead.
-
-Model construction: the policy is built normally (all weights initialised) and only then handed to
-deepspeed.initialize, which partitions it. transformers' MiniMax built inside deepspeed.zero.Init leaves
-its router and expert weights uninitialised (NaN loss): tests/learner/test_deepspeed_learner.py shows it.
-
-Weights for sync: iter_weights_for_sync() yields (name, tensor) pairs as rank 0 gathers each ZeRO-3
-parameter (GatheredParameters, one parameter at a time), so neither a rank nor the driver holds a second
-full copy of the model while streaming; state_dict_for_sync() builds a dict from it for callers that want
-one.
+Weights out: the facade is the rollout side's WeightSource (rollout/weight_sync.py): rank 0 joins a weight
+group with the engines and broadcasts bucket by bucket, ranks gathering each ZeRO-3 bucket together.
+state_dict_for_sync() / iter_weights_for_sync() bring a full copy to the caller (tests, the torch-style
+object-store path); they refuse in a driver that set CISPO_DRIVER_REFUSES_WEIGHTS=1.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import secrets
-import socket
-import subprocess
-import sys
-import weakref
 from collections.abc import Callable, Iterator
-from multiprocessing.connection import Connection, Listener
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +58,13 @@ from torch import nn
 from cispo.algo.losses import normalization_weights
 from cispo.core.config import AlgorithmConfig, LearnerConfig
 from cispo.core.types import StepResult, TrainBatch
+from cispo.core.weight_channel import TensorMeta, refuse_weights_here
 from cispo.learner import register_learner
 from cispo.learner.common import StepParts, wants_packing
-from cispo.learner.deepspeed_rank import recv, send
+from cispo.learner.deepspeed_rank import DeepSpeedRank
 from cispo.learner.micro_batches import Plan, plan_micro_batches
+
+SHARD_BYTES = 4 * 2**30
 
 
 def _dummy(batch: TrainBatch) -> TrainBatch:
@@ -81,14 +74,10 @@ def _dummy(batch: TrainBatch) -> TrainBatch:
     return part
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @register_learner("deepspeed")
 class DeepSpeedLearner:
+    ray_ranks = True  # runs on Ray actors of its own: the driver passes a loader and the placement
+
     def __init__(
         self,
         model: nn.Module | Callable[[], nn.Module],
@@ -97,14 +86,16 @@ class DeepSpeedLearner:
         *,
         total_steps: int = 1000,
         temperature: float = 1.0,
-        launcher: str = "spawn",
-        driver_address: tuple[str, int] | None = None,
         ds_config: dict[str, Any] | None = None,
         threads_per_rank: int = 1,
         start_timeout_s: float = 600.0,
+        placement_strategy: str = "PACK",
+        cpus_per_rank: float = 1.0,
+        gpus_per_rank: float = 0.0,
+        zero_init: bool = False,
     ) -> None:
-        if launcher not in ("spawn", "external"):
-            raise ValueError(f"launcher must be 'spawn' or 'external', got {launcher!r}")
+        import ray
+
         self.check_config(cfg)
         self.cfg, self.algorithm, self.world = cfg, algorithm, cfg.num_ranks
         self.version = 0
@@ -113,29 +104,35 @@ class DeepSpeedLearner:
             if isinstance(model, nn.Module)
             else bool(getattr(cfg, "packing", False))
         )
-        if launcher == "external":
-            authkey = bytes.fromhex(os.environ["CISPO_LEARNER_AUTHKEY"])
-            self._listener = Listener(driver_address or ("0.0.0.0", 29600), authkey=authkey)
-        else:
-            authkey = secrets.token_bytes(16)
-            self._listener = Listener(("127.0.0.1", 0), authkey=authkey)
-        self._procs = self._spawn(authkey, threads_per_rank) if launcher == "spawn" else []
-        self._finalizer = weakref.finalize(self, _shutdown, self._procs, self._listener)
-        self._conns = self._accept(start_timeout_s)
-        init = {
-            "model": model,
-            "cfg": cfg,
-            "algorithm": algorithm,
-            "total_steps": total_steps,
-            "temperature": temperature,
-            "packing": packing,
-            "ds_config": ds_config,
-            "threads": threads_per_rank,
-        }
-        for conn in self._conns:
-            send(conn, init)
-        for rank in range(self.world):
-            self._expect(rank, "ready")
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            # Alone (tests, scripts): a local instance just big enough for the ranks, shut down by close().
+            ray.init(
+                num_cpus=max(2, int(self.world * cpus_per_rank + 0.999)),
+                include_dashboard=False,
+                _temp_dir=f"/tmp/ray_cispo_{os.getpid()}",
+            )
+        self.ranks, self._pg = self._place(
+            placement_strategy, cpus_per_rank, gpus_per_rank, threads_per_rank, start_timeout_s
+        )
+        host, port = ray.get(self.ranks[0].free_port.remote(), timeout=start_timeout_s)
+        init = ray.put(
+            {
+                "model": model,
+                "cfg": cfg,
+                "algorithm": algorithm,
+                "total_steps": total_steps,
+                "temperature": temperature,
+                "packing": packing,
+                "ds_config": ds_config,
+                "zero_init": zero_init,
+            }
+        )
+        self._all("setup", (host, port, init), timeout_s=start_timeout_s)
+        self.placement = [
+            {"role": "learner", "rank": rank, **where}
+            for rank, where in enumerate(self._all("node", timeout_s=start_timeout_s))
+        ]
 
     @staticmethod
     def check_config(cfg: LearnerConfig) -> None:
@@ -145,70 +142,72 @@ class DeepSpeedLearner:
         if cfg.num_ranks < 1:
             raise ValueError(f"learner.num_ranks must be >= 1, got {cfg.num_ranks}")
 
-    def _spawn(self, authkey: bytes, threads: int) -> list[subprocess.Popen]:
-        # Subprocesses running the same module an external launcher runs (not multiprocessing "spawn",
-        # which re-imports the driver's __main__ and so breaks unguarded scripts).
-        port = _free_port()
-        host, listen_port = self._listener.address
-        procs = []
-        for rank in range(self.world):
-            env = {
-                **os.environ,
-                "RANK": str(rank),
-                "WORLD_SIZE": str(self.world),
-                "LOCAL_RANK": str(rank),
-                "LOCAL_WORLD_SIZE": str(self.world),
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-                "OMP_NUM_THREADS": str(threads),
-                "CISPO_LEARNER_AUTHKEY": authkey.hex(),
-            }
-            env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "cispo" / "torch_extensions"))
-            command = [
-                sys.executable,
-                "-m",
-                "cispo.learner.deepspeed_rank",
-                "--driver",
-                f"{host}:{listen_port}",
-            ]
-            procs.append(subprocess.Popen(command, env=env))
-        return procs
+    def _place(
+        self, strategy: str, cpus: float, gpus: float, threads: int, timeout_s: float
+    ) -> tuple[list[Any], Any]:
+        """A placement group of one bundle per rank, then one DeepSpeedRank actor in each bundle."""
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    def _accept(self, timeout_s: float) -> list[Connection]:
-        conns: dict[int, Connection] = {}
-        # Listener.accept has no timeout of its own; one on its socket bounds a launch that never arrives.
-        self._listener._listener._socket.settimeout(timeout_s)
-        while len(conns) < self.world:
-            conn = self._listener.accept()
-            _, rank, world = recv(conn)
-            if world != self.world:
-                raise RuntimeError(f"rank {rank} reports WORLD_SIZE={world}, learner.num_ranks={self.world}")
-            conns[rank] = conn
-        return [conns[r] for r in range(self.world)]
+        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+        group = placement_group([dict(bundle) for _ in range(self.world)], strategy=strategy)
+        ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+        if not ready:
+            remove_placement_group(group)
+            raise RuntimeError(
+                f"learner placement: {self.world} bundles of {bundle} with strategy {strategy} did not fit "
+                f"the Ray cluster within {timeout_s:g} s (resources: {ray.cluster_resources()})"
+            )
+        env = {"OMP_NUM_THREADS": str(threads)}
+        env["TORCH_EXTENSIONS_DIR"] = os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "cispo" / "torch_extensions")
+        )
+        actor = ray.remote(DeepSpeedRank)
+        ranks = [
+            actor.options(
+                num_cpus=cpus,
+                num_gpus=gpus,
+                max_restarts=0,
+                runtime_env={"env_vars": env},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
+            ).remote(i, self.world, threads)
+            for i in range(self.world)
+        ]
+        return ranks, group
 
-    def _recv(self, rank: int) -> tuple:
-        conn = self._conns[rank]
-        while not conn.poll(1.0):
-            if self._procs and self._procs[rank].poll() is not None:
-                code = self._procs[rank].returncode
+    def _wait(self, refs: list[Any], timeout_s: float | None = None) -> list[Any]:
+        """Every rank's reply. One rank failing leaves the others blocked in a collective, so the first
+        failure closes the learner and raises, naming the rank."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        index = {ref: rank for rank, ref in enumerate(refs)}
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
+            if not done:
                 self.close(force=True)
-                raise RuntimeError(f"learner rank {rank} died (exit code {code})")
-        message = recv(conn)
-        if message[0] == "error":
-            self.close(force=True)
-            raise RuntimeError(f"deepspeed learner failed; the learner is closed.\n{message[1]}")
-        return message
+                raise RuntimeError(
+                    f"deepspeed learner: no answer within {timeout_s:g} s; the learner is closed"
+                )
+            try:
+                ray.get(done[0])
+            except RayActorError as err:
+                self.close(force=True)
+                raise RuntimeError(f"learner rank {index[done[0]]} died: {err}") from err
+            except Exception as err:
+                self.close(force=True)
+                raise RuntimeError(
+                    f"deepspeed learner failed on rank {index[done[0]]}; the learner is closed.\n{err}"
+                ) from err
+        return ray.get(refs)
 
-    def _expect(self, rank: int, kind: str) -> tuple:
-        message = self._recv(rank)
-        if message[0] != kind:
-            raise RuntimeError(f"rank {rank} answered {message[0]!r}, expected {kind!r}")
-        return message
+    def _all(self, method: str, args: tuple = (), timeout_s: float | None = None) -> list[Any]:
+        return self._wait([getattr(r, method).remote(*args) for r in self.ranks], timeout_s)
 
-    def _broadcast(self, requests: list[tuple]) -> list[Any]:
-        for conn, request in zip(self._conns, requests):
-            send(conn, request)
-        return [self._expect(rank, "ok")[1] for rank in range(self.world)]
+    def _each(self, method: str, per_rank: list[tuple]) -> list[Any]:
+        return self._wait([getattr(r, method).remote(*a) for r, a in zip(self.ranks, per_rank)])
 
     def train_step(self, batch: TrainBatch, return_logprobs: bool = False) -> StepResult:
         """One optimizer step on one minibatch over all ranks (see the module docstring)."""
@@ -226,16 +225,19 @@ class DeepSpeedLearner:
                 part = batch.select(rows)
                 share = part.num_response_tokens() / tokens
                 parts.append((part, weights[rows, : part.input_ids.shape[1]], share, False))
-            requests.append(("train", parts, return_logprobs))
-        replies = self._broadcast(requests)
+            requests.append((parts, return_logprobs))
+        replies = self._each("train", requests)
         step = StepParts()
         for rank_parts, *_ in replies:
             step.merge(rank_parts)
-        # Every rank saw the same global norm and lr.
-        _, grad_norm, lr, _ = replies[0]
-        self.version += 1
+        # Every rank saw the same global norm, lr and overflow decision.
+        _, grad_norm, lr, _, applied = replies[0]
+        if applied:
+            self.version += 1
         logprobs = self._scatter(batch, plan, [r[3] for r in replies]) if return_logprobs else None
-        return StepResult(step.result(grad_norm, lr), logprobs)
+        metrics = step.result(grad_norm, lr)
+        metrics["skipped_frac"] = 0.0 if applied else 1.0
+        return StepResult(metrics, logprobs)
 
     @staticmethod
     def _scatter(batch: TrainBatch, plan: Plan, outputs: list[list[torch.Tensor | None]]) -> torch.Tensor:
@@ -248,31 +250,38 @@ class DeepSpeedLearner:
 
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
         plan = plan_micro_batches(batch, self.world, self.cfg.micro_batch_tokens)
-        requests = [
-            ("logprobs", [_dummy(batch) if rows is None else batch.select(rows) for rows in p]) for p in plan
-        ]
-        return self._scatter(batch, plan, self._broadcast(requests))
+        requests = [([_dummy(batch) if rows is None else batch.select(rows) for rows in p],) for p in plan]
+        return self._scatter(batch, plan, self._each("logprobs", requests))
+
+    # Weights out. WeightSource for the rollout side's BroadcastWeightSync: calls that run on the ranks
+    # return refs, so the sync waits on the learner and the engines together.
+    def weight_metas(self) -> list[TensorMeta]:
+        return self._wait([self.ranks[0].weight_metas.remote()])[0]
+
+    def weight_group_address(self) -> tuple[str, int]:
+        return self._wait([self.ranks[0].free_port.remote()])[0]
+
+    def join_weight_group(self, host: str, port: int, world_size: int, backend: str) -> list[Any]:
+        return [self.ranks[0].join_weight_group.remote(host, port, world_size, backend)]
+
+    def send_weights(self, bucket_bytes: int) -> list[Any]:
+        return [rank.send_weights.remote(bucket_bytes) for rank in self.ranks]
+
+    def weights_ref(self) -> Any:
+        """An ObjectRef to a full copy rank 0 put in the object store (for a restarted engine)."""
+        return self._all("weights_ref")[0][0]
 
     def iter_weights_for_sync(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, full tensor) pairs in state_dict order, streamed as rank 0 gathers them. Consume it to
-        the end (a generator closed early drains the rest, since every rank takes part in each gather)."""
-        for conn in self._conns:
-            send(conn, ("export",))
-        message: tuple = ("",)
-        try:
-            while True:
-                message = self._recv(0)
-                if message[0] == "done":
-                    break
-                yield message[1], message[2]
-        finally:
-            while message[0] != "done":
-                message = self._recv(0)
-            for rank in range(1, self.world):
-                self._expect(rank, "done")
+        """(name, full tensor) pairs in state_dict order: a full copy in this process."""
+        refuse_weights_here("DeepSpeedLearner.state_dict_for_sync")
+        yield from self._all("full_state")[0].items()
 
     def state_dict_for_sync(self) -> dict[str, torch.Tensor]:
         return dict(self.iter_weights_for_sync())
+
+    def save_hf(self, template_dir: str | Path, out_dir: str | Path, shard_bytes: int = SHARD_BYTES) -> None:
+        """Rank 0 writes the weights in Hugging Face format (see RankWeights.save_hf)."""
+        self._all("save_hf", (str(template_dir), str(out_dir), shard_bytes))
 
     def apply_settings(self, **settings) -> None:
         """A curriculum stage's settings on every rank, from the next train_step on (the normaliser here:
@@ -281,32 +290,28 @@ class DeepSpeedLearner:
             self.algorithm = dataclasses.replace(self.algorithm, normalizer=settings["normalizer"])
         if settings.get("loss_kwargs") is not None:
             self.algorithm = dataclasses.replace(self.algorithm, loss_kwargs=dict(settings["loss_kwargs"]))
-        self._broadcast([("settings", settings)] * self.world)
+        self._all("apply_settings", (settings,))
 
     def weights_finite(self) -> bool:
-        return all(self._broadcast([("finite",)] * self.world))
+        return all(self._all("weights_finite"))
 
     def save(self, directory: str) -> None:
         Path(directory).mkdir(parents=True, exist_ok=True)
-        self._broadcast([("save", str(Path(directory).resolve()), self.version)] * self.world)
+        self._all("save", (str(Path(directory).resolve()), self.version))
 
     def load(self, directory: str) -> None:
-        self.version = int(self._broadcast([("load", str(Path(directory).resolve()))] * self.world)[0])
+        self.version = int(self._all("load", (str(Path(directory).resolve()),))[0])
 
     def close(self, force: bool = False) -> None:
-        if not force and self._finalizer.alive:
-            try:
-                self._broadcast([("close",)] * self.world)
-            except (RuntimeError, OSError, EOFError):
-                pass
-        self._finalizer()
+        import ray
+        from ray.util.placement_group import remove_placement_group
 
-
-def _shutdown(procs: list[subprocess.Popen], listener: Listener) -> None:
-    for proc in procs:
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            proc.wait(timeout=5)
-    listener.close()
+        for rank in getattr(self, "ranks", []):
+            ray.kill(rank, no_restart=True)
+        self.ranks = []
+        if getattr(self, "_pg", None) is not None:
+            remove_placement_group(self._pg)
+            self._pg = None
+        if getattr(self, "_owns_ray", False) and ray.is_initialized():
+            ray.shutdown()
+            self._owns_ray = False

@@ -1,26 +1,29 @@
-"""One DeepSpeed rank of the "deepspeed" learner: builds the engine, then serves the driver's requests.
+"""One DeepSpeed rank of the "deepspeed" learner: a Ray actor that owns one DeepSpeed engine.
 
-Started either by the DeepSpeedLearner facade (launcher="spawn", one process per local rank) or by an
-external launcher (torchrun, the deepspeed launcher, srun) as
+The DeepSpeedLearner facade (cispo/learner/deepspeed_learner.py) places one DeepSpeedRank per bundle of a
+Ray placement group, asks rank 0 for its node's address and a free port, and calls setup() on every rank
+at once: torch.distributed comes up among them (NCCL on GPU, gloo on CPU), then DeepSpeed. After that the
+facade calls the same method on every rank for each request (the collectives inside ZeRO need every rank in
+every forward/backward/step/gather). Ray carries the requests and replies; there is no other transport.
 
-    CISPO_LEARNER_AUTHKEY=<hex> python -m cispo.learner.deepspeed_rank --driver HOST:PORT
+The policy arrives as a picklable zero-argument callable that builds or loads it on the rank (a directory
+of safetensors, usually), or as a module (small test models). With `zero_init` and ZeRO-3, the callable runs
+under transformers' HfDeepSpeedConfig, so from_pretrained builds the model inside deepspeed.zero.Init and
+each rank loads only its own shards (the randomly initialised build inside zero.Init is broken for
+MiniMax, see the facade; loading every weight from a checkpoint overwrites what the build left unset).
 
-with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set by that launcher. Every rank dials the
-driver, says its rank, receives the model and configs, and then runs each request the driver sends to
-all ranks at once (the collectives inside ZeRO need every rank in every forward/backward/step/gather).
-Messages are pickled bytes over a multiprocessing.connection: a blocking send gives back-pressure when
-weights stream out faster than the driver consumes them.
+Weights leave a rank only through the weight channel (cispo/core/weight_channel.py): rank 0 joins a group
+with the rollout engines and broadcasts bucket by bucket; under ZeRO-3 every rank gathers each bucket's
+parameters together (GatheredParameters), so no rank ever holds more than one extra bucket.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import os
-import pickle
-import traceback
-from multiprocessing.connection import Client, Connection
+import socket
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -38,16 +41,7 @@ from cispo.learner.common import (
     policy_logprobs,
     set_base_lr,
 )
-
-
-def send(conn: Connection, obj: Any) -> None:
-    # Plain pickle (not the ForkingPickler's shared-memory tensors): no file descriptors to leak, and the
-    # same bytes work across hosts.
-    conn.send_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
-
-
-def recv(conn: Connection) -> Any:
-    return pickle.loads(conn.recv_bytes())
+from cispo.learner.rank_weights import RankWeights
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -110,15 +104,43 @@ class LogprobModule(nn.Module):
         return policy_logprobs(self.policy, part, self.cfg, self.temperature, with_entropy, self.packing)
 
 
-class RankServer:
-    def __init__(self, conn: Connection, rank: int, world: int, init: dict[str, Any]) -> None:
+class DeepSpeedRank:
+    """The actor body (wrapped with ray.remote by the facade). Methods run one at a time, in call order."""
+
+    def __init__(self, rank: int, world: int, threads: int) -> None:
+        self.rank, self.world = rank, world
+        torch.set_num_threads(max(1, threads))
+        self.engine: Any = None
+
+    def node(self) -> dict[str, Any]:
+        """Where this rank runs (for placement.json)."""
+        import ray
+
+        gpus = ray.get_gpu_ids() if torch.cuda.is_available() else []
+        return {
+            "node_ip": ray.util.get_node_ip_address(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "pid": os.getpid(),
+            "gpus": [str(g) for g in gpus],
+        }
+
+    def free_port(self) -> tuple[str, int]:
+        """This node's address and a port free on it (rank 0's: the rendezvous of the default group and of
+        the weight channel)."""
+        import ray
+
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            return ray.util.get_node_ip_address(), int(sock.getsockname()[1])
+
+    def setup(self, master_addr: str, master_port: int, init: dict[str, Any]) -> None:
+        _distributed_env(self.rank, self.world, master_addr, master_port)
         import deepspeed
 
-        self.conn, self.rank, self.world = conn, rank, world
         self.cfg: LearnerConfig = init["cfg"]
         self.algorithm: AlgorithmConfig = init["algorithm"]
-        model = init["model"]
-        policy = model if isinstance(model, nn.Module) else model()
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+        policy = _materialise(init["model"], self.cfg, init.get("ds_config"), init.get("zero_init", False))
         self.bf16 = any(p.dtype == torch.bfloat16 for p in policy.parameters())
         self.module = LogprobModule(policy, self.cfg, init["temperature"], init["packing"])
         self.loss_fn = get_policy_loss(self.algorithm.loss)
@@ -127,7 +149,7 @@ class RankServer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(self.cfg.schedule, self.cfg.warmup_steps, steps)
         )
-        config = build_ds_config(self.cfg, world, self.bf16, init.get("ds_config"))
+        config = build_ds_config(self.cfg, self.world, self.bf16, init.get("ds_config"))
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=config
         )
@@ -135,6 +157,7 @@ class RankServer:
             deepspeed.zero.register_external_parameter(self.module, policy.get_output_embeddings().weight)
         self.policy = policy
         self.device = self.engine.device
+        self.weights = RankWeights(policy, self.rank)
 
     def _forward(self, part: TrainBatch, with_entropy: bool) -> tuple[Tensor, Tensor | None, list | None]:
         part = _to(part, self.device)
@@ -145,6 +168,9 @@ class RankServer:
         return logprobs, entropy, router_logits
 
     def train(self, parts: list[tuple[TrainBatch, Tensor, float, bool]], return_logprobs: bool) -> tuple:
+        """Backward over this rank's micro-batches, then one engine.step(): (StepParts, grad norm, lr,
+        logprobs per part, applied). A non-finite global gradient norm makes DeepSpeed discard the step
+        on every rank (gradients cleared, optimizer and scheduler untouched): reported as not applied."""
         self.engine.train()
         step = StepParts()
         seen = []
@@ -168,14 +194,17 @@ class RankServer:
             if not dummy:
                 step.add(metrics, loss, share)
             seen.append(logprobs.detach().cpu() if return_logprobs else None)
-        # Every rank must agree before the step; DeepSpeed has no fp32 "skip this step", so a non-finite
-        # loss anywhere stops the learner with its weights as they were (nothing NaN is ever applied).
         finite = torch.tensor([1.0 if math.isfinite(step.loss) else 0.0])
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-        if finite.item() < 1:
-            raise FloatingPointError("non-finite loss on the deepspeed learner; the step was not applied")
         self.engine.step()
-        return step, float(self.engine.get_global_grad_norm() or 0.0), lr, seen
+        applied = not getattr(self.engine.optimizer, "overflow", False)
+        if applied and finite.item() < 1:
+            # A non-finite loss whose gradients came out finite (nothing DeepSpeed could see): the update
+            # is already in the weights, so stop rather than train on from an unknown state.
+            raise FloatingPointError("non-finite loss with a finite gradient norm; the step was applied")
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float("nan") if grad_norm is None or not applied else float(grad_norm)
+        return step, grad_norm, lr, seen, applied
 
     def apply_settings(self, settings: dict) -> None:
         """A curriculum stage's settings (see TorchLearner.apply_settings), on this rank."""
@@ -202,55 +231,74 @@ class RankServer:
         self.engine.eval()
         return [self._forward(part, with_entropy=False)[0].cpu() for part in parts]
 
-    def export(self) -> None:
-        """Streams (name, full tensor) to the driver one at a time; ZeRO-3 parameters are gathered one by
-        one, so no rank ever holds more than one extra full parameter."""
-        import deepspeed
+    def save(self, directory: str, version: int) -> None:
+        self.engine.save_checkpoint(directory, tag="learner", client_state={"version": version})
 
-        params = dict(self.policy.named_parameters(remove_duplicate=False))
-        buffers = dict(self.policy.named_buffers(remove_duplicate=False))
-        for name in self.policy.state_dict(keep_vars=True):
-            tensor = params.get(name, buffers.get(name))
-            if tensor is None:
-                continue
-            gathered = hasattr(tensor, "ds_id")
-            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=None, enabled=gathered):
-                if self.rank == 0:
-                    send(self.conn, ("tensor", name, tensor.detach().cpu().clone()))
-        send(self.conn, ("done",))
+    def load(self, directory: str) -> int:
+        _, client_state = self.engine.load_checkpoint(directory, tag="learner")
+        return int((client_state or {}).get("version", 0))
 
-    def serve(self) -> None:
-        while True:
-            request = recv(self.conn)
-            kind = request[0]
-            try:
-                if kind == "close":
-                    send(self.conn, ("ok", None))
-                    return
-                if kind == "export":
-                    self.export()
-                    continue
-                send(self.conn, ("ok", self._handle(kind, request[1:])))
-            except Exception:
-                send(self.conn, ("error", f"rank {self.rank}: {traceback.format_exc()}"))
-                raise
+    # The weight channel and the other ways weights leave (see RankWeights).
+    def weight_metas(self) -> list:
+        return self.weights.metas()
 
-    def _handle(self, kind: str, args: tuple) -> Any:
-        if kind == "train":
-            return self.train(*args)
-        if kind == "logprobs":
-            return self.logprobs(*args)
-        if kind == "settings":
-            return self.apply_settings(*args)
-        if kind == "finite":
-            return self.weights_finite()
-        if kind == "save":
-            self.engine.save_checkpoint(args[0], tag="learner", client_state={"version": args[1]})
-            return None
-        if kind == "load":
-            _, client_state = self.engine.load_checkpoint(args[0], tag="learner")
-            return (client_state or {}).get("version", 0)
-        raise ValueError(f"unknown learner request {kind!r}")
+    def join_weight_group(self, host: str, port: int, world_size: int, backend: str) -> None:
+        self.weights.join(host, port, world_size, backend)
+
+    def send_weights(self, bucket_bytes: int) -> None:
+        self.weights.send(bucket_bytes, self.device)
+
+    def weights_ref(self) -> list:
+        return self.weights.put_in_object_store()
+
+    def full_state(self) -> dict[str, Tensor] | None:
+        return self.weights.full_state()
+
+    def save_hf(self, template_dir: str, out_dir: str, shard_bytes: int) -> None:
+        self.weights.save_hf(template_dir, out_dir, shard_bytes)
+
+
+def _distributed_env(rank: int, world: int, master_addr: str, master_port: int) -> None:
+    """What torch.distributed and DeepSpeed read, set before deepspeed is imported."""
+    if not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        import deepspeed.ops
+
+        # DeepSpeed's CPU shared-memory all-reduce serves only inference_all_reduce, yet comm init
+        # JIT-compiles it (20-300 s on a busy 2-core box); training collectives go through gloo anyway.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # Ray gives each rank its own GPU (CUDA_VISIBLE_DEVICES), so within the actor it is device 0.
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+        MASTER_ADDR=master_addr,
+        MASTER_PORT=str(master_port),
+    )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0)
+
+
+def _materialise(
+    model: nn.Module | Callable[[], nn.Module],
+    cfg: LearnerConfig,
+    ds_overrides: dict[str, Any] | None,
+    zero_init: bool,
+) -> nn.Module:
+    if isinstance(model, nn.Module):
+        return model
+    if not (zero_init and cfg.zero_stage == 3):
+        return model()
+    from transformers.integrations import HfDeepSpeedConfig
+
+    # Kept alive while from_pretrained runs: transformers then builds inside deepspeed.zero.Init and
+    # loads each rank's shards of the checkpoint (it consults a weak global reference to this object).
+    world = int(os.environ["WORLD_SIZE"])
+    hf_config = HfDeepSpeedConfig(build_ds_config(cfg, world, False, ds_overrides))
+    built = model()
+    del hf_config
+    return built
 
 
 def _to(part: TrainBatch, device: torch.device) -> TrainBatch:
@@ -258,41 +306,3 @@ def _to(part: TrainBatch, device: torch.device) -> TrainBatch:
         return part
     moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in vars(part).items()}
     return TrainBatch(**moved)
-
-
-def rank_main(address: tuple[str, int], authkey: bytes) -> None:
-    """Entry of every rank once RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT are in the environment."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        import deepspeed.ops
-
-        # DeepSpeed's CPU shared-memory all-reduce serves only inference_all_reduce, yet comm init
-        # JIT-compiles it (20-300 s on a busy 2-core box); training collectives go through gloo anyway.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    conn = Client(address, authkey=authkey)
-    send(conn, ("hello", rank, world))
-    init = recv(conn)
-    torch.set_num_threads(int(init.get("threads") or torch.get_num_threads()))
-    try:
-        server = RankServer(conn, rank, world, init)
-    except Exception:
-        send(conn, ("error", f"rank {rank} failed to start: {traceback.format_exc()}"))
-        raise
-    send(conn, ("ready", rank))
-    server.serve()
-    conn.close()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="one rank of cispo's DeepSpeed learner")
-    parser.add_argument("--driver", required=True, help="HOST:PORT the DeepSpeedLearner listens on")
-    args = parser.parse_args()
-    host, port = args.driver.rsplit(":", 1)
-    rank_main((host, int(port)), bytes.fromhex(os.environ["CISPO_LEARNER_AUTHKEY"]))
-
-
-if __name__ == "__main__":
-    main()

@@ -63,7 +63,7 @@ def test_deepspeed_ranks_resolve_the_dotted_path(setup):
         algorithm=AlgorithmConfig(loss=USER_LOSS),
     )
     try:
-        rank_pids = {proc.pid for proc in learner._procs}
+        rank_pids = {entry["pid"] for entry in learner.placement}
         metrics = learner.train_step(setup["batch"]).metrics
     finally:
         learner.close()
