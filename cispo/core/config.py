@@ -173,6 +173,9 @@ class RewardConfig:
     stop_error_fraction: float = 1.0
     # "process": rewards run in worker processes, and a timed-out one is killed; "thread": in this process.
     isolation: str = "process"
+    # Ray reward actors, each with its own scorer (max_workers workers, its own sandboxes); 0: in the driver.
+    num_actors: int = 0
+    cpus_per_actor: float = 1.0  # Ray CPUs each reward actor reserves (its threads: this, at least 1)
 
     def __post_init__(self) -> None:
         _require(len(self.rewards) > 0, "reward.rewards", "needs at least one reward")
@@ -180,6 +183,8 @@ class RewardConfig:
         _require(self.max_workers >= 1, "reward.max_workers", "must be >= 1 (0 would score nothing, forever)")
         _require(0 < self.stop_error_fraction <= 1, "reward.stop_error_fraction", "must be in (0, 1]")
         _require(self.isolation in ("process", "thread"), "reward.isolation", "one of ['process', 'thread']")
+        _require(self.num_actors >= 0, "reward.num_actors", "must be >= 0 (0: score in the driver)")
+        _require(self.cpus_per_actor > 0, "reward.cpus_per_actor", "must be > 0")
 
 
 @dataclass
