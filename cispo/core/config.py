@@ -233,6 +233,9 @@ class LearnerConfig:
     zero_stage: int = 2
     offload_optimizer: bool = False
     num_ranks: int = 2
+    # ZeRO-3: each rank builds the policy inside deepspeed.zero.Init and loads only its own shards of the
+    # checkpoint (no rank ever holds the whole model); false: build whole, then partition.
+    zero_init: bool = True
 
     def __post_init__(self) -> None:
         _require(self.lr > 0, "learner.lr", "must be > 0")

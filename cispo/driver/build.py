@@ -262,6 +262,7 @@ def build_learner_stage(cfg: TrainConfig, model: torch.nn.Module | None, model_d
         cpus_per_rank=cfg.cluster.learner_cpus_per_rank,
         gpus_per_rank=1.0 if cfg.cluster.gpus_per_node else 0.0,
         threads_per_rank=max(1, cfg.learner.num_threads),
+        zero_init=cfg.learner.zero_init,
         **kwargs,
     )
 

@@ -122,6 +122,7 @@ class DeepSpeedRank:
             "node_id": ray.get_runtime_context().get_node_id(),
             "pid": os.getpid(),
             "gpus": [str(g) for g in gpus],
+            "built_partitioned": bool(getattr(self, "built_partitioned", False)),
         }
 
     def free_port(self) -> tuple[str, int]:
@@ -141,6 +142,8 @@ class DeepSpeedRank:
         self.algorithm: AlgorithmConfig = init["algorithm"]
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
         policy = _materialise(init["model"], self.cfg, init.get("ds_config"), init.get("zero_init", False))
+        # Built inside zero.Init, every parameter is already a partition (ds_id) before initialize().
+        self.built_partitioned = all(hasattr(p, "ds_id") for p in policy.parameters())
         self.bf16 = any(p.dtype == torch.bfloat16 for p in policy.parameters())
         self.module = LogprobModule(policy, self.cfg, init["temperature"], init["packing"])
         self.loss_fn = get_policy_loss(self.algorithm.loss)

@@ -186,3 +186,33 @@ def test_a_non_finite_step_is_skipped_and_training_goes_on(reference, stage):
     # skipped-then-advanced lr schedule, would differ by O(1e-2).
     for name, value in reference["state"].items():
         torch.testing.assert_close(after[name], value, atol=WEIGHT_ATOL, rtol=0, msg=name)
+
+
+@pytest.mark.timeout(300)
+def test_zero3_ranks_load_their_shards_from_a_checkpoint(reference, tmp_path):
+    """What the driver hands a ranked learner: a loader of the run's safetensors directory, never weights.
+    With zero_init the ranks build inside deepspeed.zero.Init (every parameter a partition before
+    initialize) and from_pretrained fills only their shards; the update equals the single-process one."""
+    from functools import partial
+
+    from cispo.core.config import ModelConfig
+    from cispo.driver.policy import load_policy
+
+    reference["model"].save_pretrained(tmp_path / "policy")
+    learner = build_learner(
+        "deepspeed",
+        model=partial(load_policy, str(tmp_path / "policy"), ModelConfig(name=str(tmp_path / "policy"))),
+        cfg=learner_cfg(3),
+        algorithm=reference["algorithm"],
+        ds_config=PARTITION_EVERYTHING,
+        zero_init=True,
+    )
+    try:
+        assert all(entry["built_partitioned"] for entry in learner.placement)
+        metrics = learner.train_step(reference["batch"]).metrics
+        after = learner.state_dict_for_sync()
+    finally:
+        learner.close()
+    assert metrics["loss"] == pytest.approx(reference["metrics"]["loss"], abs=LOSS_ATOL)
+    for name, value in reference["state"].items():
+        torch.testing.assert_close(after[name], value, atol=WEIGHT_ATOL, rtol=0, msg=name)
