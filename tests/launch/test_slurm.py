@@ -132,9 +132,11 @@ def test_sbatch_runs_cispo_on_two_nodes(slurm_env, tmp_path):
     ips = sorted(field(scontrol(env, "show", "node", node), "NodeAddr") for node in ("n1", "n2"))
     assert "127.0.0.2" in ips
     assert f"slurm.sbatch: ray nodes: 2 alive: {' '.join(ips)}" in printed
-    # The run's own record of where its processes ran: one rollout worker on each node (SPREAD).
+    # The run's own record of where its processes ran: one learner rank and one rollout worker on each
+    # node (SPREAD), placed by Ray inside the SLURM allocation.
     placement = json.loads((run_dir / "placement.json").read_text())["processes"]
     assert sorted(p["node_ip"] for p in placement if p["role"] == "rollout") == ips
+    assert sorted(p["node_ip"] for p in placement if p["role"] == "learner") == ips
 
     # The job stopped the Ray nodes it started and removed their temp dirs.
     assert not list(Path("/tmp").glob(f"ray-{job}-*"))
