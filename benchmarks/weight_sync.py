@@ -77,6 +77,7 @@ def setup(model_dir: Path, threads: int) -> tuple[Any, Any, Any]:
         threads_per_rank=threads,
     )
     engine = {"model_path": str(model_dir), "dtype": "float32", "max_batch_size": 8, "num_threads": threads}
+    # 1 rank + 2 x 2 workers = 5 logical CPUs (main sizes the local Ray instance so).
     store = RolloutManager("hf", engine, num_workers=2, num_threads_per_worker=threads)
     broadcast = RolloutManager(
         "hf", engine, num_workers=2, num_threads_per_worker=threads, weight_sync=BroadcastWeightSync(learner)
@@ -155,7 +156,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, _temp_dir=f"/tmp/ray_ws_{os.getpid()}")
+    ray.init(num_cpus=5, include_dashboard=False, _temp_dir=f"/tmp/ray_ws_{os.getpid()}")
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     rows = [row for mb in args.sizes for row in bench(mb, args.reps, args.threads)]
     meta = {"threads": args.threads, "reps": args.reps, "load": load}
