@@ -121,7 +121,6 @@ def test_deepspeed_learner_run_checkpoints_and_resumes(tmp_path: Path):
     assert steps[2]["policy/version"] == steps[1]["policy/version"] + per_step
 
 
-
 @pytest.mark.slow
 def test_bad_dataset_row_names_the_row_and_field(tmp_path: Path):
     data = tmp_path / "rows.jsonl"
