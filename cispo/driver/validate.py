@@ -1,12 +1,14 @@
 """Start-up checks that run before any model is built or any warm start begins.
 
-Two kinds, both raising ValueError("config error at <key>: ...") so the CLI can print one line:
+Three kinds, all raising ValueError("config error at <key>: ...") so the CLI can print one line:
 - check_keys: every key of the composed config exists in the schema. Hydra's struct mode already rejects
   `key=value` for unknown keys, but `+key=value` and `++key=value` add keys on purpose, so a typo such as
   `+experiment.totl_steps=5` would otherwise be dropped silently and the run would do 500 steps.
 - check_plugins: names only a registry can resolve (loss, advantage, learner backend, engine, rewards),
   the kwargs each is given against its signature, and backend-specific settings (a learner class may
   define `check_config(LearnerConfig)`, as the DeepSpeed learner does for zero_stage).
+- check_placement (run last by check_plugins): on a GPU cluster the explicit GPU split agrees with the
+  groups that use it (learner ranks, rollout workers x GPUs, the engine's tensor-parallel size).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -127,6 +130,40 @@ def check_plugins(cfg: TrainConfig) -> None:
             get_reward(item.name, **dict(item.kwargs))
         except (ValueError, TypeError) as err:
             raise _fail(f"reward.rewards[{index}]", str(err)) from None
+    check_placement(cfg)
+
+
+def check_placement(cfg: TrainConfig) -> None:
+    """Cross-group GPU accounting when cluster.gpus_per_node > 0: cluster.learner_gpus is learner.num_ranks
+    (DeepSpeed: one GPU per rank), cluster.rollout_gpus is rollout.num_workers x num_gpus_per_worker, and a
+    vLLM tensor-parallel size given in the engine kwargs spans exactly the GPUs of its worker."""
+    cluster, rollout, learner = cfg.cluster, cfg.rollout, cfg.learner
+    if cluster.gpus_per_node <= 0:
+        return
+    if learner.backend == "deepspeed" and cluster.learner_gpus != learner.num_ranks:
+        raise _fail(
+            "cluster.learner_gpus",
+            f"{cluster.learner_gpus} GPUs but learner.num_ranks = {learner.num_ranks} "
+            "(one GPU per DeepSpeed rank)",
+        )
+    wanted = rollout.num_workers * rollout.num_gpus_per_worker
+    if not math.isclose(cluster.rollout_gpus, wanted):
+        raise _fail(
+            "cluster.rollout_gpus",
+            f"{cluster.rollout_gpus} GPUs but rollout.num_workers x rollout.num_gpus_per_worker = "
+            f"{rollout.num_workers} x {rollout.num_gpus_per_worker:g} = {wanted:g}",
+        )
+    tp = dict(getattr(rollout, "engine_kwargs", None) or {}).get("tensor_parallel_size")
+    if (
+        rollout.engine == "vllm"
+        and tp is not None
+        and not math.isclose(float(tp), rollout.num_gpus_per_worker)
+    ):
+        raise _fail(
+            "rollout.engine_kwargs.tensor_parallel_size",
+            f"{tp} but each rollout worker reserves rollout.num_gpus_per_worker = "
+            f"{rollout.num_gpus_per_worker:g} GPUs; vLLM's tensor parallelism must span exactly those",
+        )
 
 
 def _resolve(key: str, lookup: Callable[[str], Any], name: str) -> Any:
