@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from cispo.core.placement import in_bundle, make_placement_group
 from cispo.core.types import Generation, PromptGroup, Sample, SamplingParams
 from rollout.engine import build_engine
 from rollout.weight_sync import BroadcastWeightSync, ObjectStoreWeightSync, to_cpu_state_dict
@@ -174,9 +175,16 @@ class RolloutManager:
             "num_gpus": num_gpus_per_worker,
             "max_restarts": 0,
         }
-        self._group = self._placement_group(
-            placement_strategy, num_workers, num_cpus_per_worker, num_gpus_per_worker, start_timeout_s
-        )
+        self._group = None
+        if placement_strategy is not None:
+            self._group = make_placement_group(
+                "rollout",
+                num_workers,
+                num_cpus_per_worker,
+                num_gpus_per_worker,
+                placement_strategy,
+                start_timeout_s,
+            )
         self._sync = weight_sync if weight_sync is not None else ObjectStoreWeightSync()
         self._clock = time.monotonic  # the restart window's clock (a test may replace it)
         self._restart_times: list[deque[float]] = [deque() for _ in range(num_workers)]
@@ -193,36 +201,11 @@ class RolloutManager:
         self.version = 0
         self.last_timings: dict[str, float] = {}
 
-    @staticmethod
-    def _placement_group(
-        strategy: str | None, workers: int, cpus: float, gpus: float, timeout_s: float
-    ) -> Any:
-        """One bundle per worker slot, laid out by `strategy` (None: Ray places workers freely)."""
-        import ray
-        from ray.util.placement_group import placement_group, remove_placement_group
-
-        if strategy is None:
-            return None
-        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-        group = placement_group([dict(bundle) for _ in range(workers)], strategy=strategy)
-        ready, _ = ray.wait([group.ready()], timeout=timeout_s)
-        if not ready:
-            remove_placement_group(group)
-            raise RuntimeError(
-                f"rollout placement: {workers} bundles of {bundle} with strategy {strategy} did not fit the "
-                f"Ray cluster within {timeout_s:g} s (resources: {ray.cluster_resources()})"
-            )
-        return group
-
     def _start_worker(self, slot: int) -> Any:
         """A worker in slot `slot`'s bundle of the placement group (a restart lands where the slot was)."""
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
         options = dict(self._actor_options)
         if self._group is not None:
-            options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                self._group, placement_group_bundle_index=slot
-            )
+            options["scheduling_strategy"] = in_bundle(self._group, slot)
         return self._actor_cls.options(**options).remote(
             self.engine_name, self.engine_kwargs, self.num_threads
         )

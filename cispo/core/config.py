@@ -123,6 +123,9 @@ class RolloutConfig:
     repetition_stop_tokens: int = 0
     repetition_prob: float = 0.99
     eval_temperature: float = 0.0  # 0 = greedy
+    # Extra keyword arguments for the engine (vllm: tensor_parallel_size, gpu_memory_utilization,
+    # max_model_len, trust_remote_code, ...), merged over what the framework passes.
+    engine_kwargs: dict = field(default_factory=dict)
     # Ray workers: one that does not answer a generate shard (from submission) or a weight load within
     # worker_timeout_s, or a fresh one not up within worker_start_timeout_s, is killed and restarted with
     # the latest weights, its shard resubmitted. A slot may restart max_restarts times within any
@@ -229,6 +232,9 @@ class LearnerConfig:
     router_aux_loss_coef: float = 0.0
     routing_replay: bool = False
     packing: bool = False  # dense models only: the hybrid MiniMax's linear attention cannot be packed
+    # Per-layer activation checkpointing (transformers' gradient checkpointing): activations of one layer
+    # at a time are kept, the rest recomputed in backward. What long budgets need (see cispo-plan).
+    gradient_checkpointing: bool = False
     # deepspeed backend
     zero_stage: int = 2
     offload_optimizer: bool = False

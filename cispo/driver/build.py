@@ -108,7 +108,7 @@ def engine_kwargs(cfg: TrainConfig, model_dir: Path | None, threads: int) -> dic
     # reject the kwarg, and without recorded routing the learner's routers simply choose for themselves.
     if cfg.rollout.engine == "hf":
         kwargs["record_routing"] = cfg.learner.routing_replay
-    return kwargs
+    return {**kwargs, **dict(cfg.rollout.engine_kwargs)}
 
 
 def build_eval_stage(

@@ -42,7 +42,7 @@ class PlanOptions:
     mfu_train: float = 0.35  # model FLOP utilisation assumed for the learner's forward + backward
     mfu_generate: float = 0.10  # ... and for generation (decoding is bandwidth-bound; see the HBM floor)
     prompt_tokens: int = 1024  # prompt length assumed per sequence
-    recompute: bool = True  # per-layer activation checkpointing in the learner
+    recompute: bool | None = None  # per-layer activation checkpointing (None: learner.gradient_checkpointing)
 
     def __post_init__(self) -> None:
         if self.gpu not in GPUS:
@@ -207,6 +207,8 @@ def plan_stage(
     r_setup = RolloutSetup(tp, rollout_bytes, concurrent, row, util)
     r_mem = sizing.rollout_memory(arch, r_setup)
     mbt = sizing.micro_batch_tokens(learner.micro_batch_tokens, row)
+    if opts.recompute is None:
+        opts.recompute = learner.gradient_checkpointing
     ranks = learner.num_ranks if learner.backend == "deepspeed" else 1
     setup = LearnerSetup(
         learner.backend, ranks, learner.zero_stage, cfg.model.dtype == "bfloat16", learner.offload_optimizer,
@@ -359,7 +361,7 @@ def split_options(args: list[str]) -> tuple[PlanOptions, list[str]]:
 def _parse(value: str, kind: Any, key: str) -> Any:
     kind = str(kind)
     try:
-        if kind == "bool":
+        if kind.startswith("bool"):
             if value.lower() not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
                 raise ValueError(value)
             return value.lower() in ("true", "1", "yes", "on")

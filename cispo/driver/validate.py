@@ -138,6 +138,14 @@ def check_placement(cfg: TrainConfig) -> None:
     (DeepSpeed: one GPU per rank), cluster.rollout_gpus is rollout.num_workers x num_gpus_per_worker, and a
     vLLM tensor-parallel size given in the engine kwargs spans exactly the GPUs of its worker."""
     cluster, rollout, learner = cfg.cluster, cfg.rollout, cfg.learner
+    ranked = bool(getattr(LEARNERS.get(learner.backend), "ray_ranks", False))  # resolved by check_plugins
+    if cluster.weight_sync == "broadcast" and not (ranked and rollout.backend == "ray"):
+        raise _fail(
+            "cluster.weight_sync",
+            "broadcast sends weights from learner rank 0 to Ray rollout workers: it needs a learner on Ray "
+            f"ranks (learner=deepspeed) and rollout.backend=ray; got learner.backend={learner.backend!r}, "
+            f"rollout.backend={rollout.backend!r} (auto picks the right path)",
+        )
     if cluster.gpus_per_node <= 0:
         return
     if learner.backend == "deepspeed" and cluster.learner_gpus != learner.num_ranks:

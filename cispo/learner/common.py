@@ -57,6 +57,18 @@ def build_optimizer(model: nn.Module, cfg: LearnerConfig) -> torch.optim.Optimiz
     )
 
 
+def prepare_policy(model: nn.Module, cfg: LearnerConfig) -> nn.Module:
+    """Learner-side switches on the policy module itself (both backends, before any optimizer exists)."""
+    if cfg.gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise ValueError(
+                f"config error at learner.gradient_checkpointing: {type(model).__name__} does not support it"
+            )
+        # Non-reentrant: works with inputs that need no grad and with the FP32-head hook outside the trunk.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def wants_packing(model: nn.Module, cfg: LearnerConfig) -> bool:
     """learner.packing (when the config has it): validated against the model once, at construction."""
     packing = bool(getattr(cfg, "packing", False))

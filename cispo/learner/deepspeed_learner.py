@@ -57,6 +57,7 @@ from torch import nn
 
 from cispo.algo.losses import normalization_weights
 from cispo.core.config import AlgorithmConfig, LearnerConfig
+from cispo.core.placement import in_bundle, make_placement_group
 from cispo.core.types import StepResult, TrainBatch
 from cispo.core.weight_channel import TensorMeta, refuse_weights_here
 from cispo.learner import register_learner
@@ -147,18 +148,8 @@ class DeepSpeedLearner:
     ) -> tuple[list[Any], Any]:
         """A placement group of one bundle per rank, then one DeepSpeedRank actor in each bundle."""
         import ray
-        from ray.util.placement_group import placement_group, remove_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-        group = placement_group([dict(bundle) for _ in range(self.world)], strategy=strategy)
-        ready, _ = ray.wait([group.ready()], timeout=timeout_s)
-        if not ready:
-            remove_placement_group(group)
-            raise RuntimeError(
-                f"learner placement: {self.world} bundles of {bundle} with strategy {strategy} did not fit "
-                f"the Ray cluster within {timeout_s:g} s (resources: {ray.cluster_resources()})"
-            )
+        group = make_placement_group("learner", self.world, cpus, gpus, strategy, timeout_s)
         env = {"OMP_NUM_THREADS": str(threads)}
         env["TORCH_EXTENSIONS_DIR"] = os.environ.get(
             "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "cispo" / "torch_extensions")
@@ -170,7 +161,7 @@ class DeepSpeedLearner:
                 num_gpus=gpus,
                 max_restarts=0,
                 runtime_env={"env_vars": env},
-                scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=i),
+                scheduling_strategy=in_bundle(group, i),
             ).remote(i, self.world, threads)
             for i in range(self.world)
         ]

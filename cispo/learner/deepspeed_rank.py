@@ -39,6 +39,7 @@ from cispo.learner.common import (
     micro_batch_loss,
     moe_context,
     policy_logprobs,
+    prepare_policy,
     set_base_lr,
 )
 from cispo.learner.rank_weights import RankWeights
@@ -144,6 +145,7 @@ class DeepSpeedRank:
         policy = _materialise(init["model"], self.cfg, init.get("ds_config"), init.get("zero_init", False))
         # Built inside zero.Init, every parameter is already a partition (ds_id) before initialize().
         self.built_partitioned = all(hasattr(p, "ds_id") for p in policy.parameters())
+        prepare_policy(policy, self.cfg)
         self.bf16 = any(p.dtype == torch.bfloat16 for p in policy.parameters())
         self.module = LogprobModule(policy, self.cfg, init["temperature"], init["packing"])
         self.loss_fn = get_policy_loss(self.algorithm.loss)

@@ -19,6 +19,7 @@ from cispo.learner.common import (
     micro_batch_loss,
     moe_context,
     policy_logprobs,
+    prepare_policy,
     set_base_lr,
     wants_packing,
 )
@@ -41,6 +42,7 @@ class TorchLearner:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         self.model, self.cfg, self.algorithm, self.temperature = model, cfg, algorithm, temperature
+        prepare_policy(model, cfg)
         self.loss_fn = get_policy_loss(algorithm.loss)
         self.optimizer = build_optimizer(model, cfg)
         steps = total_steps * algorithm.updates_per_batch

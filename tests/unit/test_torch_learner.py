@@ -115,3 +115,26 @@ def test_bf16_policy_with_a_tied_fp32_head_trains_and_pickles(tmp_path):
     assert torch.isfinite(torch.tensor(metrics["loss"]))
     assert head.weight is embedding.weight and not torch.equal(head.weight, before)
     pickle.loads(pickle.dumps(model))  # DeepSpeed ranks and Ray workers receive the policy pickled
+
+
+def test_gradient_checkpointing_recomputes_and_changes_nothing():
+    """learner.gradient_checkpointing: per-layer recompute is on, and the update is bit-for-bit the plain one
+    (the same operations, run again in backward)."""
+    import copy
+
+    from cispo.core.config import AlgorithmConfig, LearnerConfig
+    from cispo.learner import build_learner
+    from tests.learner.helpers import make_batch, tiny_minimax
+
+    model, tok = tiny_minimax()
+    batch = make_batch(tok, 8)
+    results = []
+    for checkpointing in (False, True):
+        cfg = LearnerConfig(lr=1e-2, warmup_steps=0, num_threads=1, gradient_checkpointing=checkpointing)
+        learner = build_learner("torch", model=copy.deepcopy(model), cfg=cfg, algorithm=AlgorithmConfig())
+        assert learner.model.is_gradient_checkpointing == checkpointing
+        results.append((learner.train_step(batch).metrics, learner.state_dict_for_sync()))
+    (plain, plain_state), (recomputed, recomputed_state) = results
+    assert recomputed["loss"] == plain["loss"] and recomputed["grad_norm"] == plain["grad_norm"]
+    for name, value in plain_state.items():
+        torch.testing.assert_close(recomputed_state[name], value, atol=0, rtol=0, msg=name)
