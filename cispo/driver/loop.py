@@ -235,7 +235,14 @@ def run_loop(cfg: TrainConfig, stages: Stages, loop: Loop, info: dict[str, float
 
 
 def driver_peak_rss_mb() -> float:
-    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    """This process's peak resident memory so far. VmHWM, not getrusage's ru_maxrss: the latter keeps the
+    peak from before exec, i.e. that of whatever process forked this one (a launcher holding a model)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

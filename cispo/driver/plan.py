@@ -256,8 +256,8 @@ def make_plan(cfg: TrainConfig, opts: PlanOptions, arch: Arch | None = None) -> 
         "so tokens and time are upper bounds",
         f"MFU {opts.mfu_train:.0%} training, {opts.mfu_generate:.0%} generation (plan.mfu_train, "
         "plan.mfu_generate); decoding takes at least the HBM floor (each step reads weights and cache)",
-        f"learner activation recompute {'on' if opts.recompute else 'off'} (plan.recompute): per-layer "
-        "checkpointing, which the learners do not switch on by themselves yet",
+        f"learner activation recompute {'on' if opts.recompute else 'off'} (learner.gradient_checkpointing, "
+        "or plan.recompute to ask what if): per-layer checkpointing",
         f"learner GPUs keep {1 - LEARNER_USABLE:.0%} free; engines use gpu_memory_utilization "
         f"{engine['gpu_memory_utilization']:g}",
         *notes,
