@@ -1,10 +1,10 @@
 """The driver's peak RSS against model size: does the driver materialise the policy?
 
 Two dense models saved as Hugging Face directories (about 10M and 200M parameters, the project's character
-tokenizer), each trained for 2 CISPO steps by `cispo-train model.name=<dir>` with the DeepSpeed learner
+tokenizer), each trained for 3 CISPO steps by `cispo-train model.name=<dir>` with the DeepSpeed learner
 (2 ZeRO-3 ranks on Ray, weights broadcast from rank 0 to the engine) and, for contrast, with the torch
 learner (which lives in the driver). The driver's own peak RSS comes from the run's final metrics row
-(`driver/peak_rss_mb`, getrusage of the driver process only: Ray workers and learner ranks are not in it).
+(`driver/peak_rss_mb`, the driver process's own VmHWM: Ray workers and learner ranks are not in it).
 
     python benchmarks/driver_memory.py          # prints a table, writes JSON + md under benchmarks/results
 """
@@ -29,18 +29,27 @@ from benchmarks.report import write_report  # noqa: E402
 SIZES = {"10M": (256, 8, 1024, 4), "200M": (1024, 12, 4096, 16)}
 
 
-def save_model(size: str, into: Path) -> int:
+def save_model(size: str, into: Path | str) -> int:
     from cispo.core.testing import tiny_lm
     from cispo.driver.policy import load_tokenizer
 
     tok = load_tokenizer("builtin:char")
     hidden, layers, inter, heads = SIZES[size]
     model = tiny_lm(
-        "qwen2", 0, vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers,
-        intermediate_size=inter, num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=128,
-        tie_word_embeddings=False, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+        "qwen2",
+        0,
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        intermediate_size=inter,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
+    )
     model.save_pretrained(into)
     tok.save_pretrained(into)
     return sum(p.numel() for p in model.parameters())
@@ -54,11 +63,14 @@ def run(model_dir: Path, learner: str, run_dir: Path) -> dict[str, Any]:
         "learner.zero_stage=3",
         "learner.num_threads=1",
         "model.warmstart.enabled=false",
-        "experiment.total_steps=2",
+        "experiment.total_steps=3",
         "experiment.eval_every=0",
         "experiment.checkpoint_every=0",
         "data.prompts_per_step=4",
         "data.num_eval=4",
+        # A random-init policy earns no exact-match reward; the length penalty varies with each sample's
+        # length, so both steps train and sync weights (the driver's memory is measured doing its job).
+        "reward.rewards=[{name:overlong,weight:1.0,kwargs:{max_len:4,cache_len:4}}]",
         "logging.wandb=disabled",
         "logging.progress=false",
     ]
@@ -70,22 +82,23 @@ def run(model_dir: Path, learner: str, run_dir: Path) -> dict[str, Any]:
         raise RuntimeError(f"{learner} on {model_dir} failed:\n{out.stdout[-2000:]}{out.stderr[-3000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = next(r for r in reversed(rows) if "driver/peak_rss_mb" in r)
-    return {"driver_peak_rss_mb": final["driver/peak_rss_mb"]}
+    trained = sum(1 for r in rows if isinstance(r.get("cispo/loss"), float))
+    return {"driver_peak_rss_mb": final["driver/peak_rss_mb"], "steps_trained": trained}
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
-        f"Driver peak RSS over a 2-step CISPO run (`cispo-train`, dense Qwen2, fp32, char tokenizer); "
+        f"Driver peak RSS over a 3-step CISPO run (`cispo-train`, dense Qwen2, fp32, char tokenizer); "
         f"load average {meta['load']} at start",
         "",
-        "| model | parameters | learner | weights in the driver | driver peak RSS (MB) |",
-        "|---|---|---|---|---|",
+        "| model | parameters | learner | weights in the driver | steps trained | driver peak RSS (MB) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         where = "no (loaded on the ranks)" if r["learner"] == "deepspeed" else "yes (it is the learner)"
         lines.append(
             f"| {r['model']} | {r['parameters'] / 1e6:.1f}M | {r['learner']} | {where} | "
-            f"{r['driver_peak_rss_mb']:.0f} |"
+            f"{r['steps_trained']} | {r['driver_peak_rss_mb']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -100,7 +113,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size in SIZES:
             model_dir = Path(tmp) / size
-            parameters = save_model(size, model_dir)
+            # In a child process: this one then never holds a model, whatever the runs inherit from it.
+            code = "from benchmarks.driver_memory import save_model; "
+            code += f"print(save_model({size!r}, {str(model_dir)!r}))"
+            made = subprocess.run(
+                [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+            )
+            parameters = int(made.stdout.strip().splitlines()[-1])
             for learner in args.learners:
                 result = run(model_dir, learner, Path(tmp) / f"run_{size}_{learner}")
                 rows.append({"model": size, "parameters": parameters, "learner": learner, **result})
