@@ -60,7 +60,7 @@ class RolloutWorker:
         """One broadcast from learner rank 0, loaded bucket by bucket (one bucket of extra memory)."""
         start = time.perf_counter()
         if hasattr(self.engine, "receive_weights"):
-            self.engine.receive_weights(metas, version)
+            self.engine.receive_weights(metas, version, bucket_bytes)
         else:
             device = getattr(self.engine, "device", "cpu")
             for part in iter_received(self._group, metas, device, bucket_bytes):
