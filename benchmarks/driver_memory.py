@@ -4,7 +4,7 @@ Two dense models saved as Hugging Face directories (about 10M and 200M parameter
 tokenizer), each trained for 3 CISPO steps by `cispo-train model.name=<dir>` with the DeepSpeed learner
 (2 ZeRO-3 ranks on Ray, weights broadcast from rank 0 to the engine) and, for contrast, with the torch
 learner (which lives in the driver). The driver's own peak RSS comes from the run's final metrics row
-(`driver/peak_rss_mb`, the driver process's own VmHWM: Ray workers and learner ranks are not in it).
+(`system/driver_peak_rss_mb`, the driver process's own VmHWM: Ray workers and learner ranks are not in it).
 
     python benchmarks/driver_memory.py          # prints a table, writes JSON + md under benchmarks/results
 """
@@ -81,9 +81,9 @@ def run(model_dir: Path, learner: str, run_dir: Path) -> dict[str, Any]:
     if out.returncode != 0:
         raise RuntimeError(f"{learner} on {model_dir} failed:\n{out.stdout[-2000:]}{out.stderr[-3000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    final = next(r for r in reversed(rows) if "driver/peak_rss_mb" in r)
+    final = next(r for r in reversed(rows) if "system/driver_peak_rss_mb" in r)
     trained = sum(1 for r in rows if isinstance(r.get("cispo/loss"), float))
-    return {"driver_peak_rss_mb": final["driver/peak_rss_mb"], "steps_trained": trained}
+    return {"driver_peak_rss_mb": final["system/driver_peak_rss_mb"], "steps_trained": trained}
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:

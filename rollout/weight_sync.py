@@ -22,6 +22,7 @@ from cispo.core.weight_channel import (  # noqa: F401 - re-exported: the engines
     DRIVER_REFUSES_WEIGHTS,
     TensorMeta,
     broadcast_state_dict,
+    group_ranks,
     init_weight_group,
     iter_received,
     receive_state_dict,
@@ -92,10 +93,12 @@ class BroadcastWeightSync:
         import ray
 
         host, port = self.source.weight_group_address()
-        world = len(workers) + 1
+        # A tensor-parallel engine takes as many consecutive ranks as it has processes: offsets add up.
+        sizes = ray.get([w.weight_group_size.remote() for w in workers], timeout=timeout_s)
+        offsets, world = group_ranks(sizes)
         refs = self.source.join_weight_group(host, port, world, self.backend)
         refs += [
-            w.init_weight_group.remote(host, port, i + 1, world, self.backend) for i, w in enumerate(workers)
+            w.init_weight_group.remote(host, port, o, world, self.backend) for w, o in zip(workers, offsets)
         ]
         ray.get(refs, timeout=timeout_s)
         self._members = list(workers)

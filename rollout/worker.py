@@ -54,6 +54,10 @@ class RolloutWorker:
         else:
             self._group = init_weight_group(host, port, rank, world_size, backend)
 
+    def weight_group_size(self) -> int:
+        """Ranks this worker takes in the weight group (a tensor-parallel engine: one per process)."""
+        return int(getattr(self.engine, "weight_group_size", 1))
+
     def receive_weights(
         self, metas: list[TensorMeta], version: int, bucket_bytes: int = BUCKET_BYTES
     ) -> float:

@@ -66,6 +66,13 @@ def init_weight_group(
     raise ValueError(f"weight sync: unknown backend {backend!r}; known: gloo, nccl")
 
 
+def group_ranks(sizes: list[int]) -> tuple[list[int], int]:
+    """(first rank of each engine, world size) for engines holding `sizes` ranks each (a tensor-parallel
+    engine: one per process, consecutive); rank 0 is the sender."""
+    offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
+    return offsets, 1 + sum(sizes)
+
+
 def state_dict_metas(state_dict: dict[str, torch.Tensor]) -> list[TensorMeta]:
     return [TensorMeta(name, tuple(t.shape), t.dtype) for name, t in state_dict.items()]
 

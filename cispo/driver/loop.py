@@ -229,7 +229,8 @@ def run_loop(cfg: TrainConfig, stages: Stages, loop: Loop, info: dict[str, float
         # The last step's own evaluation, when it had one, is the final one: no second identical pass.
         fresh = evaluating and loop.step % cfg.experiment.eval_every != 0
         final = evaluate(cfg, stages, loop) if fresh else {"eval/accuracy": loop.last_eval, "eval/ran": 1}
-        stages.tracker.log(loop.step, {**final, "eval/final": 1, "driver/peak_rss_mb": driver_peak_rss_mb()})
+        final.update({"eval/final": 1, "system/driver_peak_rss_mb": driver_peak_rss_mb()})
+        stages.tracker.log(loop.step, final)
     finally:
         pool.shutdown(wait=True)
 

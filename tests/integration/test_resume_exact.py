@@ -38,7 +38,8 @@ def rows(run_dir: Path) -> list[dict]:
         row = json.loads(line)
         if row["step"] == 0:
             continue  # construction facts: warm-start and start-up seconds
-        out.append({k: v for k, v in row.items() if not k.startswith(("time/", "throughput/"))})
+        # time/, throughput/ and system/ (memory) measure the machine, not what the run computed.
+        out.append({k: v for k, v in row.items() if not k.startswith(("time/", "throughput/", "system/"))})
     return out
 
 

@@ -96,3 +96,12 @@ def test_cli_prints_the_composed_job_config():
     )
     assert out.returncode == 0, out.stderr
     assert "loss: grpo" in out.stdout
+
+
+def test_weight_group_ranks_leave_room_for_tensor_parallel_engines():
+    """Sender 0; an engine of TP 8 takes ranks 1-8, the next starts at 9 (its processes add their TP rank)."""
+    from cispo.core.weight_channel import group_ranks
+
+    assert group_ranks([1, 1]) == ([1, 2], 3)
+    assert group_ranks([8, 8, 8]) == ([1, 9, 17], 25)
+    assert group_ranks([2, 1, 4]) == ([1, 3, 4], 8)
