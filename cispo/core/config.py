@@ -34,6 +34,12 @@ class WarmstartConfig:
     lr: float = 2e-3
     eval_every: int = 50
     cache_dir: str = ""  # empty: $CISPO_CACHE/warmstart, else ~/.cache/cispo/warmstart
+    # A JSONL of {prompt, answer} rows to teach on instead of the RL training split (e.g. the scratchpad
+    # format on problems RL never sees); empty: the training split. Judged on the held-out split either way.
+    data_path: str = ""
+    # The warm start's own seed; -1: experiment.seed. Fixing it lets runs with different RL seeds share one
+    # cached warm start (benchmarks/algorithms.py).
+    seed: int = -1
 
     def resolved_cache_dir(self) -> str:
         import os
@@ -46,6 +52,7 @@ class WarmstartConfig:
         _require(self.lr > 0, "model.warmstart.lr", "must be > 0")
         _require(self.eval_every >= 1, "model.warmstart.eval_every", "must be >= 1")
         _require(self.max_time_s > 0, "model.warmstart.max_time_s", "must be > 0")
+        _require(self.seed >= -1, "model.warmstart.seed", "must be >= 0, or -1 for experiment.seed")
 
 
 @dataclass

@@ -64,13 +64,16 @@ def build_tracker(cfg: TrainConfig, run_dir: Path, resume_from: Path | None) -> 
 
 def build_model(cfg: TrainConfig, materialise: bool = True) -> tuple[torch.nn.Module | None, Any]:
     """The initial policy (None unless `materialise`) and its tokenizer (seeded: the same config gives
-    the same initial weights)."""
-    torch.manual_seed(cfg.experiment.seed)
+    the same initial weights). A warm start with a seed of its own initialises from that seed, so runs
+    that share the warm start share where it began."""
+    warm = cfg.model.warmstart
+    seed = warm.seed if warm.enabled and warm.seed >= 0 else cfg.experiment.seed
+    torch.manual_seed(seed)
     torch.set_num_threads(cfg.learner.num_threads)
     tokenizer = load_tokenizer(cfg.model.tokenizer_spec())
     if not materialise:
         return None, tokenizer
-    return build_policy(cfg.model, tokenizer, seed=cfg.experiment.seed), tokenizer
+    return build_policy(cfg.model, tokenizer, seed=seed), tokenizer
 
 
 def build_scorer(cfg: TrainConfig) -> Any:

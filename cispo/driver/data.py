@@ -52,13 +52,28 @@ def _reasoning_gym_rows(
     return rows
 
 
+# Holds configs/: a link to <repo>/configs, or package data in a wheel install.
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+def resolve_data_file(path: str, key: str) -> Path:
+    """A data file named in a config: as given (relative to the working directory), or else a relative
+    "configs/..." path inside the installed package, so that a preset's shipped data (e.g.
+    configs/data/scratchpad_rl.jsonl.gz) is found from any directory."""
+    given = Path(path).expanduser()
+    if given.is_file():
+        return given
+    shipped = PACKAGE_DIR / given
+    if not given.is_absolute() and given.parts[:1] == ("configs",) and shipped.is_file():
+        return shipped
+    raise ValueError(f"config error at {key}: no file {str(given)!r} (working directory {str(Path.cwd())!r})")
+
+
 def _file_rows(cfg: DataConfig, split: str) -> datasets.Dataset:
     if cfg.source == "hub":
         return datasets.load_dataset(cfg.path, split=cfg.split if split == "train" else "test")
     kind = "json" if cfg.source == "jsonl" else "parquet"
-    path = Path(cfg.path).expanduser()
-    if not path.is_file():
-        raise ValueError(f"config error at data.path: no file {str(path)!r}")
+    path = resolve_data_file(cfg.path, "data.path")
     if path.stat().st_size == 0:
         # datasets' JSON builder fails on an empty file with a bare StopIteration.
         raise ValueError(f"config error at data.path: {str(path)!r} is empty")

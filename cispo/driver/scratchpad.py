@@ -51,9 +51,24 @@ def is_held_out(terms: list[int]) -> bool:
     return hashlib.sha256(prompt_of(terms).encode()).digest()[0] < 26
 
 
+def bucket(terms: list[int]) -> str:
+    """Three disjoint problem sets by the same hash: "eval" (about 10%, is_held_out), "sft" (about 40%:
+    the problems a supervised warm start may show) and "rl" (the rest). "train" is sft and rl together."""
+    byte = hashlib.sha256(prompt_of(terms).encode()).digest()[0]
+    return "eval" if byte < 26 else "sft" if byte < 128 else "rl"
+
+
+def _in_split(terms: list[int], split: str) -> bool:
+    where = bucket(terms)
+    return where != "eval" if split == "train" else where == split
+
+
 def rows(n: int, split: str, seed: int, min_terms: int, max_terms: int) -> list[dict[str, str]]:
     """n rows {prompt, answer, metadata}; the number of terms is uniform in [min_terms, max_terms], each
-    term in 1..9. Train and eval rows come from disjoint problem sets (is_held_out)."""
+    term in 1..9. `split` is "train" or "eval", or "sft" / "rl" (disjoint parts of train, see bucket);
+    train and eval rows come from disjoint problem sets (is_held_out)."""
+    if split not in ("train", "eval", "sft", "rl"):
+        raise ValueError(f"split must be train, eval, sft or rl, got {split!r}")
     if not 2 <= min_terms <= max_terms:
         raise ValueError(f"need 2 <= min_terms <= max_terms, got {min_terms}, {max_terms}")
     rng = random.Random(f"scratchpad-{seed}-{split}")
@@ -64,17 +79,19 @@ def rows(n: int, split: str, seed: int, min_terms: int, max_terms: int) -> list[
         if tries > 100 * n + 10_000:
             raise ValueError(f"could not draw {n} {split} rows with {min_terms}..{max_terms} terms")
         terms = [rng.randint(1, 9) for _ in range(rng.randint(min_terms, max_terms))]
-        if is_held_out(terms) != (split == "eval"):
+        if not _in_split(terms, split):
             continue
         meta = json.dumps({"terms": len(terms)})
         out.append({"prompt": prompt_of(terms), "answer": target_of(terms), "metadata": meta})
     return out
 
 
-def write_jsonl(path: Path, num_train: int, num_eval: int, seed: int, min_terms: int, max_terms: int) -> Path:
-    """Train rows, then the held-out rows last (data.source=jsonl holds out a file's last num_eval rows);
-    gzip-compressed when the name ends in .gz."""
-    lines = [json.dumps(r) for r in rows(num_train, "train", seed, min_terms, max_terms)]
+def write_jsonl(
+    path: Path, num_train: int, num_eval: int, seed: int, min_terms: int, max_terms: int, split: str = "train"
+) -> Path:
+    """`split` rows (train, sft or rl), then the held-out rows last (data.source=jsonl holds out a file's
+    last num_eval rows); gzip-compressed when the name ends in .gz."""
+    lines = [json.dumps(r) for r in rows(num_train, split, seed, min_terms, max_terms)]
     lines += [json.dumps(r) for r in rows(num_eval, "eval", seed, min_terms, max_terms)]
     data = ("\n".join(lines) + "\n").encode()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,9 +108,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-terms", type=int, default=2)
     parser.add_argument("--max-terms", type=int, default=14)
+    parser.add_argument(
+        "--split", choices=("train", "sft", "rl"), default="train",
+        help="the problems of the non-held-out rows: all (train) or one of its disjoint parts (sft, rl)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    path = write_jsonl(args.out, args.num_train, args.num_eval, args.seed, args.min_terms, args.max_terms)
-    print(f"wrote {args.num_train} train + {args.num_eval} held-out rows to {path}")
+    path = write_jsonl(
+        args.out, args.num_train, args.num_eval, args.seed, args.min_terms, args.max_terms, args.split
+    )
+    print(f"wrote {args.num_train} {args.split} + {args.num_eval} held-out rows to {path}")
 
 
 if __name__ == "__main__":

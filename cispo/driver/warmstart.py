@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from cispo.core.config import DataConfig, ModelConfig, TrainConfig
-from cispo.driver.data import encode_prompt
+from cispo.driver.data import encode_prompt, resolve_data_file
 
 
 def cache_key(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> str:
@@ -108,8 +108,9 @@ def supervised_warmstart(
             log(f"warm start: step {step} loss {loss.item():.3f} held-out accuracy {accuracy:.3f}")
     meta = {"accuracy": accuracy, "steps": float(step), "seconds": time.monotonic() - start}
     log(f"warm start: done in {meta['seconds']:.0f} s, {step} steps, held-out accuracy {accuracy:.3f}")
-    if accuracy < cfg.target_accuracy:
-        # Not cached: a later run should try again rather than silently reuse a weak start.
+    if accuracy < cfg.target_accuracy and step < cfg.max_steps:
+        # Stopped by the clock, so not reproducible: not cached, a later run should try again rather than
+        # silently reuse a weak start. A start that ran its max_steps is deterministic and is cached.
         log(
             f"warning: warm start stopped below its target accuracy {cfg.target_accuracy:.2f}; "
             "RL from a policy that is never right gets no reward signal"
@@ -170,10 +171,34 @@ def warm_start_stage(
         judge.load_weights(m.state_dict(), 0)
         return judge.evaluate(budget).accuracy
 
+    warm = cfg.model.warmstart
+    rows = warm_start_rows(warm.data_path, cfg.data) if warm.data_path else splits[0]
+    seed = cfg.experiment.seed if warm.seed < 0 else warm.seed
     try:
-        result = supervised_warmstart(
-            model, tokenizer, splits[0], evaluate, cfg.model, cfg.data, cfg.experiment.seed, log=log
-        )
+        result = supervised_warmstart(model, tokenizer, rows, evaluate, cfg.model, cfg.data, seed, log=log)
     finally:
         judge.close()
     return {f"warmstart/{k}": v for k, v in result.items()}
+
+
+def warm_start_rows(path: str, data_cfg: DataConfig) -> list[dict[str, str]]:
+    """The rows of model.warmstart.data_path (JSONL, optionally gzip-compressed): every line a
+    {prompt, answer} object (the data config's prompt_key / answer_key), checked line by line."""
+    import gzip
+
+    file = resolve_data_file(path, "model.warmstart.data_path")
+    opener = gzip.open if file.suffix == ".gz" else open
+    rows = []
+    with opener(file, "rt") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                prompt, answer = row[data_cfg.prompt_key], row[data_cfg.answer_key]
+                rows.append({"prompt": str(prompt), "answer": str(answer)})
+            except (ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"model.warmstart.data_path {str(file)!r} line {number}: {err!r}") from err
+    if not rows:
+        raise ValueError(f"config error at model.warmstart.data_path: {str(file)!r} has no rows")
+    return rows

@@ -93,9 +93,11 @@ def test_router_aux_loss_is_transformers_load_balancing_loss():
     results = {}
     for coef in (0.0, 0.5):
         cfg = LearnerConfig(router_aux_loss_coef=coef, num_threads=1, warmup_steps=0)
-        results[coef] = build_learner(
-            "torch", model=copy.deepcopy(model), cfg=cfg, algorithm=AlgorithmConfig()
-        ).train_step(batch).metrics
+        results[coef] = (
+            build_learner("torch", model=copy.deepcopy(model), cfg=cfg, algorithm=AlgorithmConfig())
+            .train_step(batch)
+            .metrics
+        )
     assert results[0.5]["router_aux_loss"] == pytest.approx(expected, rel=1e-5)
     assert expected > 1.0  # num_experts * sum f_e P_e >= 1, equality only for perfectly balanced routing
     assert results[0.5]["loss"] - results[0.0]["loss"] == pytest.approx(0.5 * expected, rel=1e-5)

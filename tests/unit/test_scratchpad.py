@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from cispo.driver.scratchpad import (
+    bucket,
     is_held_out,
     main,
     partial_sums,
@@ -96,3 +97,55 @@ def test_preset_composes_with_four_stages():
     assert cfg.curriculum.length_condition and cfg.curriculum.perplexity_condition
     assert cfg.data.source == "jsonl" and (REPO / cfg.data.path).is_file()
     assert cfg.reward.rewards[0].name == "rewards.scratchpad:scratchpad_reward"
+
+
+def _terms(prompt: str) -> list[int]:
+    return [int(t) for t in prompt[:-1].split("+")]
+
+
+def test_sft_rl_and_eval_buckets_are_disjoint_and_cover_train():
+    sft, rl, held = rows(600, "sft", 0, 2, 8), rows(600, "rl", 0, 2, 8), rows(100, "eval", 0, 2, 8)
+    assert all(bucket(_terms(r["prompt"])) == "sft" for r in sft)
+    assert all(bucket(_terms(r["prompt"])) == "rl" for r in rl)
+    assert not {r["prompt"] for r in sft} & ({r["prompt"] for r in rl} | {r["prompt"] for r in held})
+    # "train" is sft and rl together: both parts occur among its rows, the held-out part never.
+    seen = {bucket(_terms(r["prompt"])) for r in rows(300, "train", 0, 2, 8)}
+    assert seen == {"sft", "rl"}
+    with pytest.raises(ValueError, match="split must be"):
+        rows(1, "test", 0, 2, 8)
+
+
+def test_the_algorithms_benchmark_data_files():
+    """The shipped files of experiment=algorithms_bench: the warm start never shows a problem that RL
+    trains or is judged on, RL's problems have 6-8 terms, and the trace is >= 16 tokens on average."""
+
+    def read(name: str) -> list[dict]:
+        return [json.loads(x) for x in gzip.open(REPO / "configs" / "data" / name, "rt")]
+
+    sft, rl = read("scratchpad_sft.jsonl.gz"), read("scratchpad_rl.jsonl.gz")
+    train, held = rl[:-256], rl[-256:]
+    assert all(bucket(_terms(r["prompt"])) == "sft" and 2 <= len(_terms(r["prompt"])) <= 8 for r in sft)
+    assert all(bucket(_terms(r["prompt"])) == "rl" for r in train)
+    assert all(bucket(_terms(r["prompt"])) == "eval" for r in held)
+    assert all(6 <= len(_terms(r["prompt"])) <= 8 for r in rl)
+    assert all(r["answer"] == target_of(_terms(r["prompt"])) for r in sft[:500] + rl[:500])
+    # Character tokenizer: one token a character, plus the end-of-sequence token.
+    assert sum(len(r["answer"]) + 1 for r in held) / len(held) >= 16
+    cfg = to_train_config(composed("experiment=algorithms_bench"))
+    assert cfg.model.warmstart.data_path.endswith("scratchpad_sft.jsonl.gz")
+    assert cfg.data.path.endswith("scratchpad_rl.jsonl.gz") and cfg.data.num_eval == 256
+    assert cfg.model.warmstart.seed == 0 and cfg.rollout.max_new_tokens >= 22
+
+
+def test_shipped_data_paths_resolve_from_any_directory(tmp_path, monkeypatch):
+    from cispo.driver.data import resolve_data_file
+
+    monkeypatch.chdir(tmp_path)
+    found = resolve_data_file("configs/data/scratchpad_rl.jsonl.gz", "data.path")
+    assert found.samefile(REPO / "configs" / "data" / "scratchpad_rl.jsonl.gz")
+    (tmp_path / "configs" / "data").mkdir(parents=True)
+    own = tmp_path / "configs" / "data" / "scratchpad_rl.jsonl.gz"
+    own.write_bytes(b"x")
+    assert resolve_data_file("configs/data/scratchpad_rl.jsonl.gz", "data.path") == own.relative_to(tmp_path)
+    with pytest.raises(ValueError, match=r"data.path: no file 'configs/data/nope.jsonl' \(working directory"):
+        resolve_data_file("configs/data/nope.jsonl", "data.path")

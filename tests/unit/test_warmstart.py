@@ -1,0 +1,101 @@
+"""The supervised warm start's own options: rows from model.warmstart.data_path, a seed of its own, and
+which results are cached (a deterministic stop at max_steps is, a stop by the clock below target is not)."""
+
+import gzip
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cispo.core.config import DataConfig, ModelConfig, WarmstartConfig
+from cispo.driver.policy import load_tokenizer
+from cispo.driver.warmstart import cache_key, supervised_warmstart, warm_start_rows
+
+
+class _TinyLM(torch.nn.Module):
+    """Just enough of a causal LM for the warm start's loop: forward(input_ids, attention_mask, labels)
+    returns an object with a cross-entropy .loss."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, 8)
+        self.head = torch.nn.Linear(8, vocab)
+
+    def forward(self, input_ids, attention_mask, labels):
+        del attention_mask
+        logits = self.head(self.embed(input_ids))[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100)
+        return type("Out", (), {"loss": loss})()
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    data = "\n".join(lines) + "\n"
+    if path.suffix == ".gz":
+        path.write_bytes(gzip.compress(data.encode()))
+    else:
+        path.write_text(data)
+    return path
+
+
+def test_rows_from_a_file_plain_or_gzip(tmp_path):
+    good = [json.dumps({"prompt": "1+2=", "answer": "=3"}), "", json.dumps({"prompt": "4+4=", "answer": 8})]
+    for name in ("rows.jsonl", "rows.jsonl.gz"):
+        rows = warm_start_rows(str(_write(tmp_path / name, good)), DataConfig())
+        assert rows == [{"prompt": "1+2=", "answer": "=3"}, {"prompt": "4+4=", "answer": "8"}]
+
+
+def test_bad_rows_name_the_file_and_line(tmp_path):
+    bad = _write(tmp_path / "bad.jsonl", [json.dumps({"prompt": "1+2=", "answer": "3"}), '{"prompt": "x"}'])
+    with pytest.raises(ValueError, match=r"bad.jsonl' line 2: KeyError\('answer'\)"):
+        warm_start_rows(str(bad), DataConfig())
+    with pytest.raises(ValueError, match="data_path: no file"):
+        warm_start_rows(str(tmp_path / "missing.jsonl"), DataConfig())
+    with pytest.raises(ValueError, match="has no rows"):
+        warm_start_rows(str(_write(tmp_path / "empty.jsonl", [""])), DataConfig())
+
+
+def test_seed_must_be_a_seed_or_minus_one():
+    assert WarmstartConfig(seed=-1).seed == -1 and WarmstartConfig(seed=3).seed == 3
+    with pytest.raises(ValueError, match="model.warmstart.seed"):
+        WarmstartConfig(seed=-2)
+
+
+def test_the_cache_key_follows_the_data_path_and_the_seed():
+    model, data = ModelConfig(), DataConfig()
+    other = ModelConfig(warmstart=WarmstartConfig(data_path="sft.jsonl"))
+    assert cache_key(model, data, 0) != cache_key(other, data, 0)
+    assert cache_key(model, data, 0) != cache_key(model, data, 1)
+
+
+@pytest.mark.parametrize("stop", ["max_steps", "clock"])
+def test_only_a_deterministic_stop_below_target_is_cached(tmp_path, stop):
+    tokenizer = load_tokenizer("builtin:char")
+    warm = WarmstartConfig(
+        target_accuracy=1.0,
+        max_steps=3 if stop == "max_steps" else 10**6,
+        max_time_s=1e9 if stop == "max_steps" else 1e-9,
+        batch_size=4,
+        eval_every=1,
+        cache_dir=str(tmp_path),
+    )
+    model_cfg, data_cfg = ModelConfig(warmstart=warm), DataConfig()
+    rows = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "2+2=", "answer": "4"}]
+    torch.manual_seed(0)
+    model = _TinyLM(len(tokenizer))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = supervised_warmstart(
+        model, tokenizer, rows, lambda m: 0.0, model_cfg, data_cfg, 0, log=lambda s: None
+    )
+    entry = tmp_path / cache_key(model_cfg, data_cfg, 0)
+    if stop == "max_steps":
+        assert result["steps"] == 3 and entry.is_dir()
+        assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+        again = _TinyLM(len(tokenizer))
+        cached = supervised_warmstart(
+            again, tokenizer, rows, lambda m: 0.0, model_cfg, data_cfg, 0, log=print
+        )
+        assert cached["cached"] == 1.0
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
+    else:
+        assert result["steps"] == 0 and not entry.exists()
