@@ -46,6 +46,10 @@ class WarmstartConfig:
 
         return self.cache_dir or os.path.join(os.environ.get("CISPO_CACHE", "~/.cache/cispo"), "warmstart")
 
+    def resolved_seed(self, experiment_seed: int) -> int:
+        """The seed the warm start trains with, and the policy is initialised from when it runs."""
+        return self.seed if self.enabled and self.seed >= 0 else experiment_seed
+
     def __post_init__(self) -> None:
         _require(0.0 <= self.target_accuracy <= 1.0, "model.warmstart.target_accuracy", "must be in [0, 1]")
         _require(self.max_steps >= 0 and self.batch_size > 0, "model.warmstart", "steps >= 0, batch_size > 0")

@@ -66,8 +66,7 @@ def build_model(cfg: TrainConfig, materialise: bool = True) -> tuple[torch.nn.Mo
     """The initial policy (None unless `materialise`) and its tokenizer (seeded: the same config gives
     the same initial weights). A warm start with a seed of its own initialises from that seed, so runs
     that share the warm start share where it began."""
-    warm = cfg.model.warmstart
-    seed = warm.seed if warm.enabled and warm.seed >= 0 else cfg.experiment.seed
+    seed = cfg.model.warmstart.resolved_seed(cfg.experiment.seed)
     torch.manual_seed(seed)
     torch.set_num_threads(cfg.learner.num_threads)
     tokenizer = load_tokenizer(cfg.model.tokenizer_spec())

@@ -47,8 +47,8 @@ def target_of(terms: list[int]) -> str:
 
 
 def is_held_out(terms: list[int]) -> bool:
-    """About 1 problem in 10 is held out, chosen by a hash of the problem."""
-    return hashlib.sha256(prompt_of(terms).encode()).digest()[0] < 26
+    """About 1 problem in 10 is held out, chosen by a hash of the problem (bucket "eval")."""
+    return bucket(terms) == "eval"
 
 
 def bucket(terms: list[int]) -> str:

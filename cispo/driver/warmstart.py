@@ -173,7 +173,7 @@ def warm_start_stage(
 
     warm = cfg.model.warmstart
     rows = warm_start_rows(warm.data_path, cfg.data) if warm.data_path else splits[0]
-    seed = cfg.experiment.seed if warm.seed < 0 else warm.seed
+    seed = warm.resolved_seed(cfg.experiment.seed)
     try:
         result = supervised_warmstart(model, tokenizer, rows, evaluate, cfg.model, cfg.data, seed, log=log)
     finally:
