@@ -4,7 +4,7 @@ a realistic 8,192-token vocabulary (cispo.core.testing.tiny_lm("qwen3_moe"): h25
 
 Same for every contender: the seeded model weights, fp32, the batch (prompts x generations rows, a fixed
 prompt and fixed-length completions), K (optimizer steps per rollout batch, each over a disjoint 1/K of its
-rows: ours split_minibatches + K train_step calls, TRL steps_per_generation=K with
+rows: ours split_minibatches + one train_steps call (the driver's path), TRL steps_per_generation=K with
 per_device_train_batch_size = rows / K) and the CPU threads: `--threads` in total per contender (torch and
 TRL: one process with that many torch threads; DeepSpeed: `--ranks` rank processes with threads / ranks
 each). Every run is its own subprocess with OMP_NUM_THREADS / MKL_NUM_THREADS set and torch.set_num_threads
@@ -20,7 +20,7 @@ survives a few rounds disturbed by other jobs on the machine; the 1-minute load 
 in the JSON.
 Peak memory is the max RSS of the process (plus its rank processes, summed).
 
-    python benchmarks/learner_throughput.py [--rounds 3] [--ks 1,4] [--threads 2] [--quick]
+    python benchmarks/learner_throughput.py [--rounds 3] [--ks 1,4,16] [--threads 2] [--quick]
 """
 
 from __future__ import annotations
@@ -125,13 +125,13 @@ def run_ours(case: str, args: argparse.Namespace) -> dict:
     times = []
     for index in range(args.warmup + args.batches):
         start = time.perf_counter()
-        for minibatch in split_minibatches(batch, args.k, split):
-            learner.train_step(minibatch)
+        learner.train_steps(split_minibatches(batch, args.k, split))
         if index >= args.warmup:
             times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if backend == "deepspeed":
-        peak += sum(_hwm_mb(proc.pid) for proc in learner._procs)
+        # The ranks are Ray actors of this process's local cluster: their pids are in the placement.
+        peak += sum(_hwm_mb(entry["pid"]) for entry in learner.placement)
     learner.close()
     return {
         "batch_seconds": times,
@@ -311,7 +311,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads per contender in total")
     parser.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (threads / ranks each)")
-    parser.add_argument("--ks", default="1,4", help="optimizer steps per rollout batch, comma-separated")
+    parser.add_argument("--ks", default="1,4,16", help="optimizer steps per rollout batch, comma-separated")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batches", type=int, default=5, help="timed rollout batches per run (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rollout batches per run")

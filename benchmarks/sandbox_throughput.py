@@ -1,8 +1,10 @@
 """How much does the bwrap sandbox cost per program, compared with a bare subprocess?
 
-Runs the same trivial Python program N times through (a) a bare ``subprocess.run`` of the same interpreter
-and (b) the bwrap backend, at concurrency 1 and 2, and reports programs/s, mean and p95 latency, and the
-per-run overhead of bwrap over bare. Prints a table and writes JSON.
+Runs the same trivial Python program N times through (a) a bare ``subprocess.run`` of the same interpreter,
+(b) the bwrap backend and (c) the bwrap backend without its seccomp filter (for this measurement only),
+at concurrency 1 and 2, and reports programs/s, mean and p95 latency, the per-run overhead of bwrap over
+bare and of the filter. (b) and (c) run in alternating batches of 10, so load from other jobs on the box
+falls on both alike. Prints a table and writes JSON.
 
     python benchmarks/sandbox_throughput.py --runs 100 --out benchmarks/results/sandbox_throughput.json
 """
@@ -22,7 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sandboxes import SandboxPool, get_sandbox  # noqa: E402
+from sandboxes import Limits, SandboxPool, get_sandbox  # noqa: E402
+from sandboxes.bwrap import BwrapSandbox  # noqa: E402
 
 PROGRAM = "import sys\nprint(sum(range(1000)))\n"
 PYTHON = "/usr/bin/python3"
@@ -35,17 +38,70 @@ def bare(source: str) -> float:
     return time.monotonic() - start
 
 
+class BwrapWithoutSeccomp(BwrapSandbox):
+    """The bwrap backend minus ``--seccomp``: only to price the filter; nothing else may use it."""
+
+    def _command(self, limits: Limits, src_fd: int, info_fd: int, block_fd: int, bpf_fd: int) -> list[str]:
+        cmd = super()._command(limits, src_fd, info_fd, block_fd, bpf_fd)
+        at = cmd.index("--seccomp")
+        return cmd[:at] + cmd[at + 2 :]
+
+
 def measure(run_one: Callable[[str], float], runs: int, concurrency: int) -> dict[str, float]:
+    return summarise(*timed(run_one, runs, concurrency))
+
+
+def timed(run_one: Callable[[str], float], runs: int, concurrency: int) -> tuple[list[float], float]:
     run_one(PROGRAM)  # warm the page cache
     start = time.monotonic()
     with ThreadPoolExecutor(concurrency) as pool:
         latencies = list(pool.map(run_one, [PROGRAM] * runs))
-    wall = time.monotonic() - start
-    latencies.sort()
+    return latencies, time.monotonic() - start
+
+
+def summarise(latencies: list[float], wall: float) -> dict[str, float]:
+    latencies = sorted(latencies)
     return {
-        "programs_per_s": runs / wall,
+        "programs_per_s": len(latencies) / wall,
         "mean_latency_ms": 1000 * statistics.fmean(latencies),
         "p95_latency_ms": 1000 * latencies[int(0.95 * (len(latencies) - 1))],
+    }
+
+
+def measure_alternating(
+    run_a: Callable[[str], float], run_b: Callable[[str], float], runs: int, concurrency: int, batch: int = 10
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Both, in alternating batches: a load swing on the shared box lands on each alike."""
+    lat: tuple[list[float], list[float]] = ([], [])
+    wall = [0.0, 0.0]
+    for _ in range(0, runs, batch):
+        for i, run_one in enumerate((run_a, run_b)):
+            got, seconds = timed(run_one, batch, concurrency)
+            lat[i].extend(got)
+            wall[i] += seconds
+    return summarise(lat[0], wall[0]), summarise(lat[1], wall[1])
+
+
+def sandboxed(pool: SandboxPool) -> Callable[[str], float]:
+    def run_one(source: str) -> float:
+        r = pool.run(source, timeout_s=30)
+        assert r.ok and r.stdout.strip() == "499500", r
+        return r.duration_s
+
+    return run_one
+
+
+def row(concurrency: int, runs: int, box: BwrapSandbox, unfiltered: BwrapSandbox) -> dict:
+    b = measure(bare, runs, concurrency)
+    with SandboxPool(box, concurrency) as pool, SandboxPool(unfiltered, concurrency) as pool_u:
+        s, u = measure_alternating(sandboxed(pool), sandboxed(pool_u), runs, concurrency)
+    return {
+        "concurrency": concurrency,
+        "bare": b,
+        "bwrap": s,
+        "bwrap_no_seccomp": u,
+        "overhead_ms_per_run": s["mean_latency_ms"] - b["mean_latency_ms"],
+        "seccomp_ms_per_run": s["mean_latency_ms"] - u["mean_latency_ms"],
     }
 
 
@@ -56,37 +112,21 @@ def main() -> None:
     args = ap.parse_args()
 
     box = get_sandbox("bwrap", python=PYTHON)
+    assert isinstance(box, BwrapSandbox)
+    unfiltered = BwrapWithoutSeccomp(python=PYTHON)
     applied = box.run(PROGRAM).applied_limits
-    rows = []
-    for concurrency in (1, 2):
-        pool = SandboxPool(box, concurrency)
+    rows = [row(concurrency, args.runs, box, unfiltered) for concurrency in (1, 2)]
 
-        def sandboxed(source: str, pool: SandboxPool = pool) -> float:
-            r = pool.run(source, timeout_s=30)
-            assert r.ok and r.stdout.strip() == "499500", r
-            return r.duration_s
-
-        b = measure(bare, args.runs, concurrency)
-        s = measure(sandboxed, args.runs, concurrency)
-        pool.close()
-        rows.append(
-            {
-                "concurrency": concurrency,
-                "bare": b,
-                "bwrap": s,
-                "overhead_ms_per_run": s["mean_latency_ms"] - b["mean_latency_ms"],
-            }
-        )
-
-    print(f"{'backend':<8} {'conc':>4} {'programs/s':>11} {'mean ms':>8} {'p95 ms':>8} {'overhead ms':>12}")
-    for row in rows:
-        for name in ("bare", "bwrap"):
-            m = row[name]
-            over = f"{row['overhead_ms_per_run']:.1f}" if name == "bwrap" else "-"
+    print(f"{'backend':<17} {'conc':>4} {'programs/s':>11} {'mean ms':>8} {'p95 ms':>8} {'overhead ms':>12}")
+    for r in rows:
+        for name in ("bare", "bwrap", "bwrap_no_seccomp"):
+            m = r[name]
+            over = f"{r['overhead_ms_per_run']:.1f}" if name == "bwrap" else "-"
             print(
-                f"{name:<8} {row['concurrency']:>4} {m['programs_per_s']:>11.1f} "
+                f"{name:<17} {r['concurrency']:>4} {m['programs_per_s']:>11.1f} "
                 f"{m['mean_latency_ms']:>8.1f} {m['p95_latency_ms']:>8.1f} {over:>12}"
             )
+        print(f"seccomp filter, concurrency {r['concurrency']}: {r['seccomp_ms_per_run']:+.1f} ms per run")
     result = {
         "program": PROGRAM,
         "python": PYTHON,

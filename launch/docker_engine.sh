@@ -17,6 +17,16 @@ sock=$state/docker.sock
 data=${CISPO_DOCKER_DATA:-/var/lib/cispo-docker}
 image=cispo-python:latest
 recipe=1  # bump when the image's contents change, so existing engines rebuild it
+# The code sandbox's packages (launch/sandbox-requirements.txt, installed by setup_env.sh into
+# .venv-sandbox) go into the image's /usr/local/lib/python3.X/dist-packages, on its python3's path.
+repo=$(cd "$(dirname "$0")/.." && pwd)
+site=$(ls -d "$repo"/.venv-sandbox/lib/python3*/site-packages 2>/dev/null | head -n 1 || true)
+if [ -n "$site" ] && [ -f "$repo/.venv-sandbox/.cispo-installed" ]; then
+  recipe="2-$(sha256sum "$repo/launch/sandbox-requirements.txt" | cut -c1-12)"
+else
+  site=""
+  echo "note: $repo/.venv-sandbox is missing (bash launch/setup_env.sh builds it): the image gets no numpy" >&2
+fi
 t0=$SECONDS
 
 if ! command -v dockerd >/dev/null 2>&1; then
@@ -42,9 +52,16 @@ if ! dk version >/dev/null 2>&1; then
     rm -f "$state/dockerd.pid"
   fi
   echo '{}' >"$state/daemon.json"  # ignore /etc/docker/daemon.json: this engine is private
-  setsid nohup dockerd --config-file "$state/daemon.json" --data-root "$data" --exec-root "$state/exec" \
-    -p "$state/dockerd.pid" -H "unix://$sock" --bridge=none --iptables=false --ip6tables=false \
-    >"$state/dockerd.log" 2>&1 </dev/null &
+  # The daemon outlives this script: close every inherited fd above stderr first, or it would hold
+  # whatever the caller had open for good (a `flock LOCK bash launch/docker_engine.sh` lock, say).
+  (
+    for fd in $(ls "/proc/$BASHPID/fd"); do
+      [ "$fd" -le 2 ] || eval "exec $fd>&-" 2>/dev/null || true
+    done
+    exec setsid nohup dockerd --config-file "$state/daemon.json" --data-root "$data" \
+      --exec-root "$state/exec" -p "$state/dockerd.pid" -H "unix://$sock" --bridge=none \
+      --iptables=false --ip6tables=false >"$state/dockerd.log" 2>&1 </dev/null
+  ) &
   for _ in $(seq 120); do
     dk version >/dev/null 2>&1 && break
     sleep 0.5
@@ -72,8 +89,12 @@ if [ "$have" != "$recipe" ]; then
     --exclude="python$ver/site-packages" --exclude="python$ver/dist-packages" -c "python$ver" |
     tar -C "$root/usr/lib" -x
   rm -f "$root$stdlib/sitecustomize.py"  # Debian's points into /etc, absent here
-  { ldd "$py"; find "$stdlib/lib-dynload" -name '*.so' -exec ldd {} \; ; } 2>/dev/null |
-    grep -o '/[^ ]*\.so[^ ]*' | sort -u | while read -r lib; do
+  if [ -n "$site" ]; then
+    mkdir -p "$root/usr/local/lib/python$ver/dist-packages"
+    cp -a "$site/." "$root/usr/local/lib/python$ver/dist-packages/"
+  fi
+  { ldd "$py"; find "$stdlib/lib-dynload" ${site:+"$site"} -name '*.so*' -exec ldd {} \; ; } 2>/dev/null |
+    grep -o '/[^ ]*\.so[^ ]*' | grep -vF "$repo/" | sort -u | while read -r lib; do
       cp -L --parents "$lib" "$root"
     done
   chmod 1777 "$root/tmp"

@@ -4,8 +4,8 @@ Built-in names: math, logic, code, code_io, format, overlong, exact_match, genrm
 ``sandboxes`` and ``cispo.core`` (the registry) and nothing else of ours.
 """
 
-from rewards.base import RewardError, RewardFn, RewardInput, RewardResult
-from rewards.registry import available_rewards, get_reward, register_reward
+from rewards.base import RewardError, RewardFn, RewardInput, RewardResult, RewardTimeout
+from rewards.registry import available_rewards, get_reward, register_reward, reward_range
 from rewards.scorer import RewardScorer, RewardSpec
 
 __all__ = [
@@ -15,7 +15,9 @@ __all__ = [
     "RewardResult",
     "RewardScorer",
     "RewardSpec",
+    "RewardTimeout",
     "available_rewards",
     "get_reward",
     "register_reward",
+    "reward_range",
 ]

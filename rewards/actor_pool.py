@@ -33,8 +33,8 @@ from typing import Any
 
 from cispo.core.registry import callable_from
 from rewards.base import RewardError, RewardInput, RewardResult
-from rewards.registry import REWARDS, get_reward, register_reward
-from rewards.scorer import RewardScorer, RewardSpec
+from rewards.registry import REWARDS, load_reward, register_reward
+from rewards.scorer import RewardScorer, RewardSpec, failure
 from rewards.workers import WorkerSpec, worker_spec
 
 log = logging.getLogger(__name__)
@@ -45,19 +45,19 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NU
 
 
 class _ChunkScorer(RewardScorer):
-    """Scores one chunk and never stops the run itself: it reports the samples whose reward raised, and
-    the pool applies stop_error_fraction over the whole call."""
+    """Scores one chunk and never stops the run itself: it reports the samples whose reward raised or
+    timed out, and the pool applies stop_error_fraction over the whole call."""
 
     failed: list[int]
     first_failure: tuple[str, int, str, str, str] | None = None
 
     def _stop_if_broken(self, tasks: list[Any], inputs: list[RewardInput]) -> None:
-        self.failed = sorted({t.index for t in tasks if t.error is not None})
-        first = next((t for t in tasks if t.error is not None), None)
+        self.failed = sorted({t.index for t in tasks if t.error is not None or t.timed_out})
+        first = next((t for t in tasks if t.error is not None or t.timed_out), None)
         self.first_failure = None
         if first is not None:
-            name, inp = self.specs[first.spec].name, first.inp
-            self.first_failure = (name, first.index, inp.prompt[:200], inp.completion[:200], first.trace)
+            name, inp, trace = self.specs[first.spec].name, first.inp, failure(first, self.timeout_s)
+            self.first_failure = (name, first.index, inp.prompt[:200], inp.completion[:200], trace)
 
     def take_counters(self) -> tuple[dict[str, int], dict[str, float]]:
         counts, sums = dict(self._counts), dict(self._sums)
@@ -68,7 +68,7 @@ class _ChunkScorer(RewardScorer):
 
 @dataclass
 class ChunkOutcome:
-    """An actor's answer for one chunk: results in order, raw counters, the samples whose reward raised."""
+    """An actor's answer for one chunk: results in order, raw counters, the samples that failed."""
 
     results: list[RewardResult]
     counts: dict[str, int]
@@ -85,7 +85,7 @@ class RewardActor:
         for s in specs:  # a name the driver registered from a module: the same function, found by its path
             if s.path != s.name and s.name not in REWARDS:
                 register_reward(s.name, low=s.low, high=s.high)(callable_from(REWARDS, s.path))
-        specs_here = [RewardSpec(s.name, w, dict(s.kwargs)) for s, w in zip(specs, weights)]
+        specs_here = [RewardSpec(s.name, w, dict(s.kwargs), s.low, s.high) for s, w in zip(specs, weights)]
         self.scorer = _ChunkScorer(specs_here, **options, stop_error_fraction=math.inf)
 
     def ready(self) -> int:
@@ -368,7 +368,7 @@ class RewardActorPool:
         self.specs = list(specs)
         # Loaded here, so an unknown name or a bad signature fails in the driver with its own error; each
         # actor is sent the path that finds the same function in a fresh process.
-        loaded = [get_reward(s.name, **s.kwargs) for s in self.specs]
+        loaded = [load_reward(s.name, s.kwargs, low=s.low, high=s.high) for s in self.specs]
         self._settings = ActorSettings(
             [worker_spec(s.name, s.kwargs, r) for s, r in zip(self.specs, loaded)],
             [s.weight for s in self.specs],
@@ -437,7 +437,7 @@ class RewardActorPool:
         return self.result(self.submit(inputs))
 
     def _stop_if_broken(self, handle: ScoreHandle, outcomes: list[Any]) -> None:
-        """RewardScorer's rule over the whole call: stop when this fraction of its samples hit an error."""
+        """RewardScorer's rule over the whole call: this fraction of its samples failed or timed out."""
         failed = sum(len(o.failed) for o in outcomes)
         if not handle.size or failed < self.stop_error_fraction * handle.size:
             return

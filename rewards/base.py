@@ -1,7 +1,7 @@
 """The reward plugin contract.
 
-A reward is any callable that takes one :class:`RewardInput` and returns a float in ``[0, 1]`` or a
-:class:`RewardResult` (score plus a short reason, e.g. why it is 0)::
+A reward is any callable that takes one :class:`RewardInput` and returns a float or a :class:`RewardResult`
+(score plus a short reason, e.g. why it is 0)::
 
     from rewards import RewardInput, RewardResult, register_reward
 
@@ -12,12 +12,22 @@ A reward is any callable that takes one :class:`RewardInput` and returns a float
         return RewardResult(0.0, "reference not in completion")
 
 Configuration values reach the reward as keyword-only arguments (``RewardSpec.kwargs``); they are checked
-against the signature when the reward is loaded. Functions of the shape ``fn(completion, reference)``
-(such as ``rewards.math:score``) are accepted too and receive ``inp.completion`` and ``inp.reference``.
-A penalty (e.g. ``overlong``) registers its own range, such as ``[-1, 0]``.
+against the signature when the reward is loaded, and what the config leaves out takes the signature's
+default. Functions of the shape ``fn(completion, reference)`` (such as ``rewards.math:score``) are accepted
+too and receive ``inp.completion`` and ``inp.reference``.
 
-Rewards may raise: the scorer turns an exception or a timeout into 0 with the reason counted in metrics,
-or, in strict mode, into a :class:`RewardError` naming the reward and the sample.
+Range: scores must fall in ``[0, 1]`` unless the reward declares another range, which penalties need
+(``overlong`` declares ``[-1, 0]``). Declare it on the function, where every way of naming it finds it
+(registered name, ``pkg.mod:fn``, ``file.py:fn``, entry point): ``@register_reward("name", low=-1, high=1)``
+or, without registering a name, ``@reward_range(-1, 1)``; or in the config (``{name: ..., low: -1,
+high: 1}``), which overrides the declaration. A score outside the range, or NaN, is an error naming the
+reward and the value.
+
+Rewards may raise: the scorer turns an exception into 0 with the reason counted in metrics
+(``reward/errors``), or, in strict mode, into a :class:`RewardError` naming the reward and the sample. A
+reward that runs out of its own time budget raises :class:`RewardTimeout`: counted with the scorer's own
+timeouts (``reward/timeouts``), never a silent 0. Errors and timeouts both count toward
+``reward.stop_error_fraction``.
 """
 
 from __future__ import annotations
@@ -50,6 +60,11 @@ RewardFn = Callable[[RewardInput], float | RewardResult]
 
 class RewardError(RuntimeError):
     """A reward failed in strict mode, or a plugin broke its contract."""
+
+
+class RewardTimeout(RewardError):
+    """A reward ran out of its own time budget (e.g. the math verifier's CPU time): the scorer counts it as a
+    timeout, like one past ``reward.timeout_s``, rather than as an error."""
 
 
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -106,5 +121,9 @@ def to_result(value: Any, name: str, low: float = 0.0, high: float = 1.0) -> Rew
     except (TypeError, ValueError) as e:
         raise RewardError(f"reward {name!r} returned a non-numeric score {result.score!r}") from e
     if math.isnan(result.score) or not low <= result.score <= high:
-        raise RewardError(f"reward {name!r} returned {result.score} outside [{low}, {high}]")
+        raise RewardError(
+            f"reward {name!r} returned {result.score} outside [{low}, {high}]; a reward with another range "
+            "declares it (@register_reward(name, low=, high=), @reward_range(low, high), or low:/high: in "
+            "its reward.rewards entry)"
+        )
     return result

@@ -2,34 +2,35 @@
 
 from __future__ import annotations
 
-import importlib
+import os
 from collections.abc import Callable
-from typing import Any
 
 from rewards import code as _code
 from rewards import math as _math
 from rewards.base import RewardInput, RewardResult
 from rewards.extract import answer_tag, final_answer
 from rewards.format import format_reward
-from rewards.genrm import GenerativeRewardModel
+from rewards.genrm import genrm_reward
 from rewards.length import overlong_reward
 from rewards.logic import logic_reward
 from rewards.registry import register_reward
-from sandboxes import Limits, Sandbox, get_sandbox
+from sandboxes import Limits, Sandbox
 
 register_reward("logic")(logic_reward)
 register_reward("format")(format_reward)
 register_reward("overlong", low=-1.0, high=0.0)(overlong_reward)
 
-_sandboxes: dict[str, Sandbox] = {}
+_sandboxes: dict[tuple[str, str], Sandbox] = {}
 
 
-def _sandbox(name: str | None) -> Sandbox | None:
-    if name is None:
+def _sandbox(name: str | None, python: str = "auto") -> Sandbox | None:
+    """``python``: reward.code.python (rewards.code.sandbox_python says what ``auto`` means)."""
+    if name is None and python == "auto":
         return None  # the process-wide default (rewards.code.default_sandbox)
-    if name not in _sandboxes:
-        _sandboxes[name] = get_sandbox(name)
-    return _sandboxes[name]
+    key = (name or os.environ.get(_code.SANDBOX_ENV, "bwrap"), python)
+    if key not in _sandboxes:
+        _sandboxes[key] = _code.make_sandbox(*key)
+    return _sandboxes[key]
 
 
 @register_reward("math")
@@ -43,30 +44,40 @@ def math_reward(inp: RewardInput, *, strict_format: bool = True) -> RewardResult
 
 @register_reward("code")
 def code_reward(
-    inp: RewardInput, *, sandbox: str | None = None, timeout_s: float = 10.0, memory_mb: int | None = None
+    inp: RewardInput,
+    *,
+    sandbox: str | None = None,
+    timeout_s: float = 10.0,
+    memory_mb: int | None = None,
+    python: str = "auto",
 ) -> RewardResult:
-    """``inp.reference`` is the tests' Python source; ``sandbox`` names a backend (default $CISPO_SANDBOX)."""
+    """``inp.reference`` is the tests' Python source; ``sandbox`` names a backend (default $CISPO_SANDBOX);
+    ``python``: the sandbox's interpreter (reward.code.python)."""
     limits = Limits(memory_bytes=memory_mb << 20) if memory_mb else None
-    return _code.check(
-        inp.completion, inp.reference, sandbox=_sandbox(sandbox), timeout_s=timeout_s, limits=limits
-    )
+    box = _sandbox(sandbox, python)
+    return _code.check(inp.completion, inp.reference, sandbox=box, timeout_s=timeout_s, limits=limits)
 
 
 @register_reward("code_io")
 def code_io_reward(
-    inp: RewardInput, *, sandbox: str | None = None, timeout_s: float = 5.0, partial: bool = False
+    inp: RewardInput,
+    *,
+    sandbox: str | None = None,
+    timeout_s: float = 5.0,
+    partial: bool = False,
+    python: str = "auto",
 ) -> RewardResult:
-    """``inp.reference`` holds stdin/stdout cases (see rewards.code.check_io)."""
-    return _code.check_io(
-        inp.completion, inp.reference, sandbox=_sandbox(sandbox), timeout_s=timeout_s, partial=partial
-    )
+    """``inp.reference`` holds stdin/stdout cases (see rewards.code.check_io); ``python`` as for ``code``."""
+    box = _sandbox(sandbox, python)
+    return _code.check_io(inp.completion, inp.reference, sandbox=box, timeout_s=timeout_s, partial=partial)
 
 
 @register_reward("exact_match")
-def exact_match(
-    inp: RewardInput, *, extract: str = "final_answer", case_sensitive: bool = False
-) -> RewardResult:
-    """Final answer (``extract``: final_answer | answer_tag | none) equals the reference after stripping."""
+def exact_match(inp: RewardInput, *, extract: str = "none", case_sensitive: bool = False) -> RewardResult:
+    """The answer equals the reference after stripping. ``extract``: none (default: the whole completion,
+    as the built-in addition task answers), final_answer (last ``\\boxed{}``, ``#### x``, "the final answer
+    is x") or answer_tag (``<answer>``). The default lives here, not in configs/reward/exact_match.yaml,
+    so ``reward.rewards=[{name: exact_match}, ...]`` scores as ``reward=exact_match`` does."""
     extractors: dict[str, Callable[[str], str | None]] = {
         "final_answer": final_answer,
         "answer_tag": answer_tag,
@@ -83,20 +94,5 @@ def exact_match(
     return RewardResult(1.0 if same else 0.0, "" if same else "exact_match: different answer")
 
 
-_judges: dict[Any, GenerativeRewardModel] = {}
-
-
-@register_reward("genrm")
-def genrm_reward(
-    inp: RewardInput, *, generate: str | Callable, template: str | None = None, max_score: float = 10.0
-) -> RewardResult:
-    """``generate``: a callable or its ``pkg.mod:fn`` path, ``generate(prompts) -> completions``."""
-    key = (generate, template, max_score)
-    if key not in _judges:
-        fn = generate
-        if isinstance(generate, str):
-            module, _, attr = generate.partition(":")
-            fn = getattr(importlib.import_module(module), attr)
-        kwargs = {"template": template} if template else {}
-        _judges[key] = GenerativeRewardModel(fn, max_score=max_score, **kwargs)  # type: ignore[arg-type]
-    return _judges[key](inp)
+# A GenRMReward object: per-sample __call__ plus score_batch, which the scorer sends whole batches to.
+register_reward("genrm")(genrm_reward)

@@ -5,9 +5,12 @@ the solution runs in a second process, forked before any secret arrived, that th
 what crosses back is plain data (or a handle that equals only itself). The scorer generates a random pass
 line per run and sends it on stdin; only the test process knows it, and it writes it only after the tests
 returned normally and the solution process kept to the protocol. So ``sys.exit(0)``, ``os._exit(0)``,
-killing the harness, rebinding builtins, reading frames or ``/proc/*/mem`` and always-equal return values
-all score 0: the threat model's "the solution forges a pass" (F1-F6 in ``sandboxes``) says what is and is
-not covered.
+killing the harness, rebinding builtins, reading frames or ``/proc/*/mem``, always-equal return values and
+modules named to run code in the test process all score 0: the threat model's "the solution forges a
+pass" (F1-F7 in ``sandboxes``) says what is and is not covered. Correct code scores 1.0 in the common
+styles (unittest and pytest-style tests, a main block or ``sys.exit(0)`` in the solution, callables passed
+to it, ``isinstance`` and dataclass equality, numpy: ``tests/rewards/test_code_fidelity.py``); the
+sandbox runs ``reward.code.python`` (:func:`sandbox_python`).
 
 ``check_io``: the program's stdout is compared by the scorer, so the expected output never enters the
 sandbox; lines are split on ``\\n`` and only ASCII whitespace is ignored at their ends.
@@ -20,28 +23,88 @@ import os
 import re
 import secrets
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
 from rewards.base import RewardResult
 from rewards.code_harness import PASS_PREFIX
-from sandboxes import Limits, RunResult, Sandbox, get_sandbox
+from sandboxes import Limits, RunResult, Sandbox, SandboxError, get_sandbox
 
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 _PY_TAGS = {"python", "py", "python3", ""}
 _lock = threading.Lock()
 _default: Sandbox | None = None
 SANDBOX_ENV = "CISPO_SANDBOX"
-HARNESS = Path(__file__).with_name("code_harness.py").read_text(encoding="utf-8")
+PYTHON_ENV = "CISPO_SANDBOX_PYTHON"
+SANDBOX_VENV = Path(__file__).resolve().parents[1] / ".venv-sandbox"  # built by launch/setup_env.sh
+SYSTEM_PYTHON = "/usr/bin/python3"
+HOST_PYTHON_BACKENDS = ("bwrap", "unsafe_subprocess")  # they run an interpreter of this machine
+_warned: list[bool] = []
+HARNESS_PARTS = ("code_protocol.py", "code_runner.py", "code_solution.py", "code_harness.py")
+
+
+def harness_source() -> str:
+    """The sandbox program: the harness's files as one module, in order, without their imports of each
+    other (``from rewards.`` statements, which only the scorer can resolve)."""
+    lines: list[str] = []
+    for name in HARNESS_PARTS:
+        skipping = False
+        for line in Path(__file__).with_name(name).read_text(encoding="utf-8").splitlines():
+            if line.startswith("from rewards."):
+                skipping = line.rstrip().endswith("(")
+                continue
+            if skipping:
+                skipping = not line.startswith(")")
+                continue
+            lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+HARNESS = harness_source()
 _ASCII_WS = " \t\r\n\f\v"
 
 
+def sandbox_python(setting: str = "auto") -> str:
+    """The interpreter a sandbox of this machine runs (``reward.code.python``): a path, or ``auto``:
+    ``$CISPO_SANDBOX_PYTHON``, else the set-up script's environment (``.venv-sandbox``: numpy, scipy,
+    sympy, pytest), else ``/usr/bin/python3`` with a warning that those packages are missing."""
+    if setting != "auto":
+        if not os.path.isfile(setting):
+            raise SandboxError(
+                f"reward.code.python: the interpreter {setting!r} does not exist (`bash launch/setup_env.sh` "
+                f"builds the default one, {SANDBOX_VENV / 'bin' / 'python3'})"
+            )
+        return setting
+    if os.environ.get(PYTHON_ENV):
+        return sandbox_python(os.environ[PYTHON_ENV])
+    venv = SANDBOX_VENV / "bin" / "python3"
+    if venv.is_file():
+        return str(venv)
+    if not _warned:
+        _warned.append(True)
+        warnings.warn(
+            f"reward.code.python=auto: {venv} is missing (`bash launch/setup_env.sh` builds it); the code "
+            "sandbox runs /usr/bin/python3, without numpy, scipy, sympy or pytest",
+            stacklevel=2,
+        )
+    return SYSTEM_PYTHON
+
+
+def make_sandbox(name: str, python: str = "auto") -> Sandbox:
+    """The backend ``name``; one that runs this machine's interpreter gets ``python`` (see sandbox_python).
+    Docker's interpreter is the one in its image (launch/docker_engine.sh puts the same packages there)."""
+    if name in HOST_PYTHON_BACKENDS:
+        return get_sandbox(name, python=sandbox_python(python))
+    return get_sandbox(name)
+
+
 def default_sandbox() -> Sandbox:
-    """Process-wide sandbox, built once from ``$CISPO_SANDBOX`` (default ``bwrap``)."""
+    """Process-wide sandbox, built once from ``$CISPO_SANDBOX`` (default ``bwrap``) and ``python=auto``."""
     global _default
     with _lock:
         if _default is None:
-            _default = get_sandbox(os.environ.get(SANDBOX_ENV, "bwrap"))
+            _default = make_sandbox(os.environ.get(SANDBOX_ENV, "bwrap"))
         return _default
 
 

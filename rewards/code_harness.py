@@ -1,148 +1,79 @@
 """The program the ``code`` reward runs in the sandbox: a test process, and the solution in a process apart.
 
-Run as the sandbox's main program this file is the *test process*. It forks the *solution process* (which runs
-nothing but this file until it is sent the solution), makes itself non-dumpable, reads the job (the pass line,
-the solution, the tests) from stdin to its end, and sends the solution over. The tests run in the test
-process. Each name they use that the solution defines is, there, a module the test process imports itself, a
-plain value, or a :class:`Remote` whose calls go to the solution process and come back as plain data (None,
+Run as the sandbox's main program this file is the *test process*. It forks the *solution process*
+(``code_solution``: it runs nothing but the harness until it is sent the solution), makes itself
+non-dumpable, drops every ``sys.path`` entry the solution could write and leaves the work dir, reads the
+job (the pass line, the solution, the tests) from stdin to its end, and sends the solution over. The tests
+run in the test process (``code_runner`` says how). Each name they use that the solution defines is, there,
+a plain value, a :class:`Remote` whose calls go to the solution process and come back as plain data (None,
 bool, int, float, complex, str, bytes and lists, tuples, sets, frozensets and dicts of those; list, dict and
-set arguments the call changed are changed in place) or as a handle to an object that stays in the solution
-process. Only when the tests return normally and the solution process never died, exited or broke the protocol
-does the test process write the pass line.
+set arguments the call changed are changed in place) or as a handle to an object that stays in the
+solution process, or a module, but only one the tests named themselves: a top-level module imported by the
+test process under the very name the tests use (F7). Callables of the tests that they pass to the solution
+stay in the test process and run there when the solution calls them. Only when the tests finish and the
+solution process never died, exited or broke the protocol does the test process write the pass line.
 
-How this closes each forgery class (F1-F6) is in the threat model in ``sandboxes``. This file runs on the
-sandbox's interpreter: standard library only, Python 3.9 or newer.
+How this closes each forgery class (F1-F7) is in the threat model in ``sandboxes``. The sandbox runs this
+file with ``code_protocol``, ``code_runner`` and ``code_solution`` in front of it, as one program
+(``rewards.code.harness_source``), on its interpreter: standard library only, Python 3.9 or newer.
 """
 
 import builtins
-import marshal
 import os
 import select
 import sys
+import types
 
-try:  # json's C scanner and quoting without ``import json`` (which costs ``re``: ~10 ms per process)
-    from _json import encode_basestring_ascii as _quote
-    from _json import make_scanner as _make_scanner
-except ImportError:  # pragma: no cover - CPython always has _json
-    from json.encoder import encode_basestring_ascii as _quote
-    from json.scanner import make_scanner as _make_scanner
+from rewards.code_protocol import (
+    _EXITS,
+    MAX_REPLY,
+    PASS_PREFIX,
+    _rebuilt,
+    decode,
+    encode,
+    error_reply,
+    loads,
+    send_frame,
+)
+from rewards.code_runner import TESTS_FILE, names_loaded, run_collected
+from rewards.code_solution import serve
 
-PASS_PREFIX = "CISPO-TESTS-PASSED-"
-MAX_REPLY = 64 << 20  # bytes of one reply from the solution process
-MAX_DEPTH = 100  # nesting of one value
-_SEQ = {"l": list, "t": tuple, "s": set, "f": frozenset}
-_EXITS = ("SystemExit", "KeyboardInterrupt", "GeneratorExit")
-_NOT_IMPORTED = ("__main__", "antigravity", "this")
-_MUTABLE = (list, dict, set)  # arguments whose changes come back from a call
-_INF = float("inf")
-
-
-class _Strict:
-    """Settings for json's scanner: no hooks; JSON objects come back as dicts, which decode() refuses."""
-
-    strict = True
-    object_hook = object_pairs_hook = None
-    parse_float, parse_int = float, int
-    parse_constant = {"NaN": _INF - _INF, "Infinity": _INF, "-Infinity": -_INF}.__getitem__
-    memo: dict = {}
-
-
-_SCAN = _make_scanner(_Strict())
+__all__ = ["PASS_PREFIX", "run_tests"]
+# Top-level modules that act on import; never imported for the solution even under the tests' own name.
+_NOT_IMPORTED = ("antigravity", "this", "idlelib", "turtledemo", "__hello__", "__phello__")
+# Callables of the tests the solution may call back: functions and methods the tests' source defines, and
+# these pure built-ins (never getattr, eval, open, __import__, ...: those would hand over the test process).
+_PURE_BUILTINS = frozenset(
+    "abs all any bin bool bytes chr complex dict divmod float format frozenset hash hex int isinstance len "
+    "list max min oct ord pow repr round set sorted str sum tuple".split()
+)
+_PURE_MODULES = ("math", "cmath", "operator", "_operator")
+_IMMUTABLE = (str, bytes, int, float, complex, tuple, frozenset)
 
 
-def loads(text):
-    """Exactly one JSON value (any malformed text raises an Exception)."""
-    value, end = _SCAN(text, 0)
-    if end != len(text):
-        raise ValueError("data after the JSON value")
-    return value
-
-
-def dumps(value):
-    """JSON text of encode()'s form: None, bool, int, float, str and lists of those; one ASCII line."""
-    if value is None or value is True or value is False:
-        return "null" if value is None else "true" if value else "false"
-    kind = type(value)
-    if kind is str:
-        return _quote(value)
-    if kind is int:
-        return int.__repr__(value)
-    if kind is float:
-        if value != value or value in (_INF, -_INF):
-            return "NaN" if value != value else "Infinity" if value > 0 else "-Infinity"
-        return float.__repr__(value)
-    if kind is list:
-        return "[" + ",".join([dumps(v) for v in value]) + "]"
-    raise TypeError(f"cannot send a {kind.__name__}")
-
-
-def send_frame(fd, msg):
-    """Test process -> solution process: a length-prefixed marshal frame (the receiver trusts the sender)."""
-    data = marshal.dumps(msg)
-    data = len(data).to_bytes(8, "big") + data
-    while data:
-        data = data[os.write(fd, data) :]
-
-
-def _read_exactly(fd, n):
-    data = b""
-    while len(data) < n:
-        chunk = os.read(fd, n - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return data
-
-
-def encode(value, handle, depth=0):
-    """JSON-ready form of ``value``: scalars as themselves, containers tagged, anything else ``["h", id]``.
-
-    ``handle(obj)`` gives the id of an object that does not cross (or raises TypeError).
-    """
-    if depth > MAX_DEPTH:
-        raise ValueError("value nested too deeply")
-    if value is None or type(value) in (bool, int, float, str):
-        return value
-    for kind in (int, float, str):
-        if isinstance(value, kind):
-            return kind(value)
-    if isinstance(value, (bytes, bytearray)):
-        return ["b", bytes(value).hex()]
-    if isinstance(value, complex):
-        return ["c", value.real, value.imag]
-    if isinstance(value, dict):
-        return ["d", [[encode(k, handle, depth + 1), encode(v, handle, depth + 1)] for k, v in value.items()]]
-    for tag, kind in _SEQ.items():
-        if isinstance(value, kind):
-            return [tag, [encode(v, handle, depth + 1) for v in value]]
-    if type(value).__module__ == "numpy" and hasattr(value, "tolist"):
-        return encode(value.tolist(), handle, depth + 1)
-    return ["h", handle(value)]
-
-
-def decode(data, remote, depth=0):
-    """Built-in values rebuilt from :func:`encode`'s form, handles through ``remote(id)``; else ValueError."""
-    if depth > MAX_DEPTH:
-        raise ValueError("value nested too deeply")
-    if data is None or type(data) in (bool, int, float, str):
-        return data
-    if type(data) is not list or len(data) not in (2, 3) or type(data[0]) is not str:
-        raise ValueError("not a value")
-    tag, body = data[0], data[1]
-    if len(data) == 3:
-        if tag == "c" and all(type(x) in (int, float) for x in data[1:]):
-            return complex(data[1], data[2])
-    elif tag in _SEQ and type(body) is list:
-        return _SEQ[tag](decode(v, remote, depth + 1) for v in body)
-    elif tag == "d" and type(body) is list:
-        if not all(type(p) is list and len(p) == 2 for p in body):
-            raise ValueError("not a dict")
-        return {decode(k, remote, depth + 1): decode(v, remote, depth + 1) for k, v in body}
-    elif tag == "b" and type(body) is str:
-        return bytes.fromhex(body)
-    elif tag == "h" and type(body) is int:
-        return remote(body)
-    raise ValueError("not a value")
+def may_call_back(obj):
+    """Whether the tests may hand ``obj`` to the solution as a callable (see _PURE_BUILTINS)."""
+    if isinstance(obj, types.MethodType):
+        obj = obj.__func__
+    if isinstance(obj, types.FunctionType):
+        return obj.__code__.co_filename == TESTS_FILE
+    if isinstance(obj, types.BuiltinFunctionType):
+        name, module = getattr(obj, "__name__", ""), getattr(obj, "__module__", None)
+        if not isinstance(getattr(obj, "__self__", None), (types.ModuleType, type(None))):
+            return False  # a method bound to an object of the tests
+        if module == "builtins":
+            return name in _PURE_BUILTINS and getattr(builtins, name, None) is obj
+        return module in _PURE_MODULES
+    if isinstance(obj, types.MethodDescriptorType):  # str.lower, int.bit_length: methods of immutable types
+        return obj.__objclass__ in _IMMUTABLE and obj.__name__ not in ("format", "format_map")  # "{0.x.y}"
+    if isinstance(obj, type):
+        return (
+            obj.__module__ == "builtins"
+            and obj.__name__ in _PURE_BUILTINS
+            and getattr(builtins, obj.__name__) is obj
+        )
+    getter = type(obj).__name__ in ("itemgetter", "attrgetter")
+    return getter and type(obj).__module__ in ("operator", "_operator")
 
 
 class SolutionGone(BaseException):
@@ -150,23 +81,9 @@ class SolutionGone(BaseException):
     ``except Exception`` swallows it (the run fails at the end anyway)."""
 
 
-def _rebuilt(names, message, op):
-    """The exception the solution raised, as the first built-in Exception class in its MRO. StopIteration
-    only ends an iteration (``next``): from a call it would silently end a ``map()`` the tests consume."""
-    for name in names:
-        if name in ("StopIteration", "StopAsyncIteration") and op != "next":
-            return RuntimeError(f"the solution raised {name} outside next()")
-        cls = getattr(builtins, name, None) if type(name) is str else None
-        if isinstance(cls, type) and issubclass(cls, Exception):
-            try:
-                return cls(message)
-            except Exception:  # e.g. UnicodeDecodeError wants five arguments
-                continue
-    return RuntimeError(message)
-
-
 class Channel:
-    """The test process's end of the pipes to the solution process; one request, one reply."""
+    """The test process's end of the pipes to the solution process; one request, one reply (callbacks of
+    the solution into the tests' callables are served while a reply is awaited)."""
 
     def __init__(self, pid, wfd, rfd):
         self.pid, self.wfd, self.rfd = pid, wfd, rfd
@@ -176,6 +93,7 @@ class Channel:
             self.pidfd = None
         self.buf = bytearray()
         self.broken = ""
+        self.local, self.local_ids = {}, {}  # the tests' callables the solution holds, by id
 
     def fail(self, why):
         self.broken = self.broken or why
@@ -184,10 +102,26 @@ class Channel:
     def encode(self, value):
         return encode(value, self._handle)
 
+    def dec(self, data):
+        try:
+            return decode(data, self.remote, self._local)
+        except Exception as e:
+            self.fail(f"the solution process sent a value that is not plain data ({type(e).__name__})")
+
     def _handle(self, obj):
         if isinstance(obj, Remote) and object.__getattribute__(obj, "_chan") is self:
-            return object.__getattribute__(obj, "_id")
+            return ["h", object.__getattribute__(obj, "_id")]
+        if may_call_back(obj):
+            if id(obj) not in self.local_ids:
+                self.local_ids[id(obj)] = len(self.local)
+                self.local[len(self.local)] = obj
+            return ["t", self.local_ids[id(obj)]]
         raise TypeError(f"the tests passed a {type(obj).__name__} to the solution; only plain data crosses")
+
+    def _local(self, tid):
+        if tid not in self.local:
+            raise ValueError("not a callable of the tests")
+        return self.local[tid]
 
     def remote(self, ident):
         return Remote(self, ident)
@@ -198,13 +132,32 @@ class Channel:
             raise SolutionGone(self.broken)
         try:
             send_frame(self.wfd, msg)
-            line = self._line()
+            while True:
+                reply = self._reply()
+                if type(reply) is not list or reply[:1] != ["cb"]:
+                    return reply
+                send_frame(self.wfd, self._callback(reply))
         except OSError as e:
             self.fail(f"the solution process is gone ({type(e).__name__})")
+
+    def _reply(self):
+        line = self._line()
         try:
             return loads(line.decode("ascii"))
         except Exception as e:  # the scanner raises StopIteration, ValueError, RecursionError, ...
             self.fail(f"the solution process broke the protocol ({type(e).__name__})")
+
+    def _callback(self, msg):
+        """The solution calls a callable the tests passed it: run it here on plain data; the reply."""
+        if len(msg) != 4 or type(msg[1]) is not int or msg[1] not in self.local:
+            self.fail("the solution process sent a reply that is not the protocol")
+        args, kwargs = self.dec(msg[2]), self.dec(msg[3])
+        if type(args) is not list or type(kwargs) is not dict or not all(type(k) is str for k in kwargs):
+            self.fail("the solution process sent a reply that is not the protocol")
+        try:
+            return ["cbok", self.encode(self.local[msg[1]](*args, **kwargs))]
+        except Exception as e:
+            return error_reply(e, "cberr")
 
     def ask(self, *msg):
         return self.answer(self.request(list(msg)), msg[0])
@@ -221,10 +174,7 @@ class Channel:
     def _write_back(self, item, args, kwargs):
         key, value = item if type(item) is list and len(item) == 2 else (None, None)
         target = args[key] if type(key) is int and 0 <= key < len(args) else kwargs.get(key)
-        try:
-            value = decode(value, self.remote)
-        except Exception:
-            self.fail("the solution process sent a value that is not plain data")
+        value = self.dec(value)
         if isinstance(target, list) and type(value) is list:
             target[:] = value
         elif isinstance(target, (dict, set)) and type(value) is type(target).__mro__[-2]:
@@ -234,10 +184,7 @@ class Channel:
     def answer(self, reply, op):
         """The value in an ``ok`` reply; the solution's exception, rebuilt, for an ``err`` reply."""
         if type(reply) is list and len(reply) == 2 and reply[0] == "ok":
-            try:
-                return decode(reply[1], self.remote)
-            except Exception as e:
-                self.fail(f"the solution process sent a value that is not plain data ({e})")
+            return self.dec(reply[1])
         if type(reply) is list and len(reply) == 3 and reply[0] == "err" and type(reply[1]) is list:
             exits = [n for n in reply[1] if n in _EXITS]
             if exits:
@@ -272,8 +219,10 @@ class Channel:
 
 
 class Remote:
-    """An object that stays in the solution process. It equals only itself; calls, attributes, iteration,
-    len, bool, indexing, repr and str are asked of the solution process and come back as plain data."""
+    """An object that stays in the solution process. Calls, attributes, iteration, len, bool, indexing,
+    repr, str and isinstance/issubclass against it are asked of the solution process and come back as plain
+    data. It equals itself, and another Remote only when both are dataclass instances of the same class whose
+    compared fields, fetched as plain data, are equal here; never a value of the tests (F4)."""
 
     __slots__ = ("_chan", "_id")
 
@@ -299,13 +248,34 @@ class Remote:
         return self._ask("getitem", self._chan.encode(key))
 
     def __eq__(self, other):
-        return isinstance(other, Remote) and (other._chan, other._id) == (self._chan, self._id)
+        if not isinstance(other, Remote) or other._chan is not self._chan:
+            return False
+        if other._id == self._id:
+            return True
+        mine = self._ask("fields")
+        return mine is not None and mine == other._ask("fields")
 
     def __ne__(self, other):
         return not self.__eq__(other)
 
     def __hash__(self):
         return hash(("cispo-remote", self._id))
+
+    def _check(self, op, other):
+        try:
+            data = self._chan.encode(other)
+        except TypeError:
+            return False
+        result = self._ask(op, data)
+        if type(result) is not bool:
+            self._chan.fail("the solution process sent a reply that is not the protocol")
+        return result
+
+    def __instancecheck__(self, instance):
+        return self._check("isinstance", instance)
+
+    def __subclasscheck__(self, subclass):
+        return self._check("issubclass", subclass)
 
 
 for _op in ("iter", "next", "len", "bool", "repr", "str"):  # asked of the solution; Python checks the types
@@ -326,6 +296,20 @@ def _not_dumpable():
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
 
 
+def read_only_paths():
+    """F7: keep no ``sys.path`` entry the solution could write or create (the work dir, TMPDIR, missing
+    paths, and as a non-root user any writable one), and leave the work dir for ``/``."""
+    cwd, tmp = os.getcwd(), os.environ.get("TMPDIR", "/tmp")
+    mine = tuple(p for p in (cwd, tmp) if p not in ("", "/"))
+    root = os.geteuid() == 0  # only unsafe_subprocess runs as root: W_OK means nothing then
+    sys.path[:] = [
+        p
+        for p in sys.path
+        if p and os.path.exists(p) and not p.startswith(mine) and (root or not os.access(p, os.W_OK))
+    ]
+    os.chdir("/")
+
+
 def _names_used(code):
     """Global names the tests' code (and every function in it) loads."""
     names = set(code.co_names)
@@ -337,7 +321,7 @@ def _names_used(code):
 
 def start_solution():
     """Fork the solution process before the job is read, so its copy of our memory holds no pass line and
-    no tests. Until the ``load`` request it runs only this file; its fd 0/1 are our pipes, 2 is null."""
+    no tests. Until the ``load`` request it runs only this program; its fd 0/1 are our pipes, 2 is null."""
     req_r, req_w = os.pipe()
     resp_r, resp_w = os.pipe()
     pid = os.fork()
@@ -356,7 +340,8 @@ def start_solution():
 
 
 def load(chan, solution, wanted):
-    """Run the solution there; the tests' namespace: stdlib modules imported here, values, Remotes."""
+    """Run the solution there; the names the tests use from it: values, Remotes, and modules (F7: only a
+    top-level module imported here under the tests' own name for it, never a name the solution chose)."""
     import importlib
 
     reply = chan.request(["load", solution, sorted(wanted)])
@@ -371,20 +356,36 @@ def load(chan, solution, wanted):
         name, kind, payload = entry
         if name.startswith("__") or hasattr(builtins, name):
             continue  # the tests' builtins are never the solution's (a module-level `abs` must not shadow)
-        if kind == "m" and type(payload) is str and payload.split(".")[0] not in _NOT_IMPORTED:
-            try:
-                ns[name] = importlib.import_module(payload)
-            except Exception:
-                pass  # the tests get a NameError if they use it
+        if kind == "m" and type(payload) is str:
+            if payload == name and name not in _NOT_IMPORTED:
+                try:
+                    ns[name] = importlib.import_module(name)
+                except Exception:
+                    pass  # the tests get a NameError if they use it
         elif kind == "v":
-            try:
-                ns[name] = decode(payload, chan.remote)
-            except Exception:
-                chan.fail("the solution process sent a value that is not plain data")
+            ns[name] = chan.dec(payload)
         else:
             chan.fail("the solution process sent a reply that is not the protocol")
-    ns.update(__name__="__main__", __builtins__=builtins)
     return ns
+
+
+def _run(chan, tests, solution):
+    """Run the tests as the module ``__main__`` (see code_runner); returns normally only if they passed."""
+    code = compile(tests, TESTS_FILE, "exec")
+    module = types.ModuleType("__main__")
+    ns = module.__dict__
+    ns.update(load(chan, solution, _names_used(code)))
+    ns.update(__name__="__main__", __builtins__=builtins)
+    sys.modules["__main__"], sys.argv = module, ["tests"]  # for the tests' own unittest.main()
+    try:
+        exec(code, ns)
+    except SystemExit as e:  # the tests chose their verdict (unittest.main(), sys.exit)
+        if e.code not in (None, 0):
+            raise
+        return
+    ran = run_collected(ns, "__main__", names_loaded(code))
+    if ran:
+        sys.stderr.write(f"cispo: {ran} collected tests passed\n")
 
 
 def run_tests():
@@ -397,15 +398,13 @@ def run_tests():
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if hasattr(sys, "set_int_max_str_digits"):
             sys.set_int_max_str_digits(0)
-        tmp = os.environ.get("TMPDIR", "/tmp")
-        sys.path[:] = [p for p in sys.path if p and not p.startswith((os.getcwd(), tmp))]  # writable dirs
+        read_only_paths()
         job = loads(sys.stdin.buffer.read().decode("utf-8"))  # to the end: nothing stays in the pipe
         pass_line, solution, tests = str(job["pass"]), str(job["solution"]), str(job["tests"])
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
-        code = compile(tests, "<tests>", "exec")
-        exec(code, load(chan, solution, _names_used(code)))
+        _run(chan, tests, solution)
         if chan.broken:  # the tests caught SolutionGone themselves
             raise SolutionGone(chan.broken)
         passed = True
@@ -421,78 +420,6 @@ def run_tests():
     if passed:
         os.write(1, ("\n" + pass_line + "\n").encode())
     os._exit(0 if passed else 1)
-
-
-# ------------------------------------------------------------------------------------------- the solution
-
-
-def _serve_one(msg, objects, ns, handle):
-    op, args = msg[0], msg[1:]
-    if op == "load":
-        exec(compile(args[0], "<solution>", "exec"), ns)
-        found = []
-        for name in args[1]:
-            if name in ns and not name.startswith("__"):
-                value = ns[name]
-                if type(value) is type(sys):
-                    found.append([name, "m", value.__name__])
-                else:
-                    found.append([name, "v", encode(value, handle)])
-        return ["names", found]
-    target = objects[args[0]]
-    if op == "call":
-        pos, kw = decode(args[1], objects.__getitem__), decode(args[2], objects.__getitem__)
-        result = target(*pos, **kw)
-        sent = {**dict(enumerate(args[1][1])), **dict(args[2][1])}
-        now = [[k, encode(v, handle)] for k, v in [*enumerate(pos), *kw.items()] if isinstance(v, _MUTABLE)]
-        return ["ok", encode(result, handle), [kv for kv in now if kv[1] != sent[kv[0]]]]
-    if op == "getitem":
-        result = target[decode(args[1], objects.__getitem__)]
-    elif op == "getattr":
-        result = getattr(target, args[1])
-    else:
-        result = {"iter": iter, "next": next, "len": len, "bool": bool, "repr": repr, "str": str}[op](target)
-    return ["ok", encode(result, handle)]
-
-
-def _error_reply(e):
-    try:
-        message = str(e)[:2000]
-    except BaseException:
-        message = ""
-    return ["err", [c.__name__ for c in type(e).__mro__], message]
-
-
-def serve():
-    """The solution process: requests on fd 0, replies on fd 1; the solution's own stdio is /dev/null."""
-    rfd, wfd = os.dup(0), os.dup(1)
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
-    if hasattr(sys, "set_int_max_str_digits"):
-        sys.set_int_max_str_digits(0)
-    objects, ids = {}, {}
-
-    def handle(obj):
-        if id(obj) not in ids:
-            ids[id(obj)] = len(objects)
-            objects[len(objects)] = obj
-        return ids[id(obj)]
-
-    ns = {"__name__": "__main__", "__builtins__": builtins}
-    while True:
-        size = _read_exactly(rfd, 8)
-        msg = _read_exactly(rfd, int.from_bytes(size, "big")) if size else None
-        if msg is None:
-            return
-        try:
-            reply = dumps(_serve_one(marshal.loads(msg), objects, ns, handle))
-        except BaseException as e:  # the tests decide what the solution's exception means
-            reply = dumps(_error_reply(e))
-        data = (reply + "\n").encode("ascii")
-        while data:
-            data = data[os.write(wfd, data) :]
 
 
 if __name__ == "__main__":

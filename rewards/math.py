@@ -8,18 +8,28 @@ them). An answer written without math delimiters ("Final answer: 2x+3") is read 
 math-verify's expression extraction would stop at its first number; one that is prose ("3 hours ago") goes
 to math-verify without its marker, so it takes the last number. Commas in numbers are read the way the
 reference is written (``rewards.extract.normalize_numerals``).
+
+Time: one check may use ``CPU_LIMIT_S`` seconds of CPU time, not wall time, so a busy machine scores as an
+idle one. Past it, :class:`rewards.base.RewardTimeout` is raised (the scorer counts it in
+``reward/timeouts``), never a silent 0. math-verify's own timeouts are off: they are wall-clock SIGALRMs
+whose expiry it reports as an unparsable answer, i.e. 0 for a right answer on a loaded machine. The budget
+is a SIGPROF timer, so it holds in a process's main thread (the reward worker processes); elsewhere (a
+thread-isolated scorer) the scorer's per-sample ``reward.timeout_s`` bounds a check.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import signal
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 from sympy import Basic, Number, NumberSymbol, Set, Tuple
 
-from rewards.base import RewardResult
+from rewards.base import RewardResult, RewardTimeout
 from rewards.extract import (
     AnswerSegment,
     answer_segments,
@@ -32,7 +42,7 @@ from rewards.extract import (
 _CONFIG = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
 _TRIVIAL = re.compile(r"[\s$]|\\text\{|\\mathrm\{|\}|\\left|\\right|\\!|\.$")
 _DELIMITED = re.compile(r"\$|\\\(|\\\[|\\boxed|\\fbox")
-VERIFY_TIMEOUT_S = 5
+CPU_LIMIT_S = 5.0  # CPU seconds one check may use (parsing the reference and the answers, and verifying)
 _MAX_SEGMENTS = 3  # marked answers tried, best first, until one parses
 NO_MARKER = (
     "math: no answer marker (\\boxed{}, <answer>, ####, 'Final answer:', 'The answer is') "
@@ -41,7 +51,7 @@ NO_MARKER = (
 
 
 class _NoTimeoutNotice(logging.Filter):
-    """math-verify warns on every call made with timeout=None; we bound time ourselves (see _timeout)."""
+    """math-verify warns on every call made with timeout=None; we bound time ourselves (_cpu_budget)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return "Timeout is disabled" not in record.getMessage()
@@ -51,14 +61,37 @@ for _name in ("math_verify.parser", "math_verify.grader"):
     logging.getLogger(_name).addFilter(_NoTimeoutNotice())
 
 
-def _timeout() -> int | None:
-    # math-verify's timeout uses SIGALRM, which only works in the main thread; elsewhere the caller bounds
-    # time (RewardScorer's per-sample timeout) and the extraction bounds the input size.
-    return VERIFY_TIMEOUT_S if threading.current_thread() is threading.main_thread() else None
+class _OutOfCPU(BaseException):
+    """Raised by the CPU-time alarm. A BaseException: math-verify and sympy catch Exception (and
+    math-verify its own TimeoutException) and would turn it into "could not be parsed"."""
+
+
+@contextmanager
+def _cpu_budget(seconds: float) -> Iterator[list[bool]]:
+    """Raises _OutOfCPU in the body once this process has used ``seconds`` more CPU time (ITIMER_PROF:
+    user + system time, which load does not stretch), then every 50 ms of CPU until the body ends, in
+    case something swallows it; the yielded flag says whether it fired. Off the main thread, where no
+    signal can be handled, it does nothing."""
+    fired = [False]
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield fired
+        return
+
+    def alarm(signum: int, frame: object) -> None:
+        fired[0] = True
+        raise _OutOfCPU
+
+    previous = signal.signal(signal.SIGPROF, alarm)
+    signal.setitimer(signal.ITIMER_PROF, seconds, 0.05)
+    try:
+        yield fired
+    finally:
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
 
 
 def _parse(text: str) -> list:
-    return parse(text, extraction_config=_CONFIG, parsing_timeout=_timeout())
+    return parse(text, extraction_config=_CONFIG, parsing_timeout=None)  # type: ignore[arg-type]
 
 
 def _parsed(result: list) -> bool:
@@ -111,7 +144,21 @@ def check(completion: str, reference: str, *, strict_format: bool = True) -> Rew
     The answer is the best marked segment (:func:`rewards.extract.answer_segments`) that math-verify can
     parse; the next one is tried only when it cannot. ``strict_format``: a completion with no answer marker
     scores 0 (the reason names the markers); off, the last math expression of the completion is scored.
+    Raises :class:`rewards.base.RewardTimeout` when the check needs more than ``CPU_LIMIT_S`` of CPU time.
     """
+    try:
+        with _cpu_budget(CPU_LIMIT_S) as fired:
+            result = _check(completion, reference, strict_format)
+        if fired[0]:
+            raise _OutOfCPU  # the alarm went off and something swallowed it: the result is not to be trusted
+    except _OutOfCPU:
+        raise RewardTimeout(
+            f"math: checking the answer took more than {CPU_LIMIT_S:g} s of CPU time"
+        ) from None
+    return result
+
+
+def _check(completion: str, reference: str, strict_format: bool) -> RewardResult:
     if not isinstance(completion, str) or not isinstance(reference, (str, int, float)):
         return RewardResult(
             0.0, f"math: bad input types {type(completion).__name__}/{type(reference).__name__}"
@@ -143,12 +190,13 @@ def check(completion: str, reference: str, *, strict_format: bool = True) -> Rew
             best, pred = segment, later
     if not pred:
         return RewardResult(0.0, f"math: answer after {best.marker!r} could not be parsed")
-    if verify(gold, pred, timeout_seconds=_timeout()):
+    if verify(gold, pred, timeout_seconds=None):  # type: ignore[arg-type]
         return RewardResult(1.0)
     return RewardResult(0.0, "math: wrong answer")
 
 
 def score(completion: str, reference: str, *, strict_format: bool = True) -> float:
     """1.0 if the final answer in ``completion`` (trailing ``\\boxed{}`` answers, ``<answer>``, ``#### x``,
-    "Final answer: x", "the answer is x") equals ``reference``; see :func:`check` for ``strict_format``."""
+    "Final answer: x", "the answer is x") equals ``reference``; see :func:`check` for ``strict_format`` and
+    the CPU-time limit (RewardTimeout)."""
     return check(completion, reference, strict_format=strict_format).score

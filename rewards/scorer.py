@@ -16,8 +16,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from rewards.base import RewardError, RewardInput, RewardResult
-from rewards.registry import LoadedReward, get_reward
+from rewards.base import RewardError, RewardInput, RewardResult, RewardTimeout
+from rewards.batch import BatchReward, batch_reward, run_batch
+from rewards.registry import LoadedReward, load_reward, metric_keys
 from rewards.workers import Task, WorkerPool, worker_spec
 
 ISOLATIONS = ("process", "thread")
@@ -25,11 +26,26 @@ ISOLATIONS = ("process", "thread")
 
 @dataclass
 class RewardSpec:
-    """One reward in the mix: registered name or ``pkg.mod:fn``, its weight, its keyword arguments."""
+    """One reward in the mix: registered name, ``pkg.mod:fn`` or ``file.py:fn``, its weight, its keyword
+    arguments, and its score range when it overrides the declared one (``low``/``high``; None: declared)."""
 
     name: str
     weight: float = 1.0
     kwargs: dict = field(default_factory=dict)
+    low: float | None = None
+    high: float | None = None
+
+
+def timed_out(t: Task) -> bool:
+    """Past the scorer's timeout, or a reward that reported running out of its own time (RewardTimeout)."""
+    return t.timed_out or isinstance(t.error, RewardTimeout) or t.error_type == "RewardTimeout"
+
+
+def failure(t: Task, timeout_s: float) -> str:
+    """What went wrong with a failed task, with its traceback when it raised."""
+    if t.timed_out:
+        return f"timed out after {timeout_s}s (reward.timeout_s)"
+    return t.trace
 
 
 class _ThreadPool:
@@ -101,8 +117,9 @@ class RewardScorer:
         isolation: str = "process",
     ) -> None:
         """stop_error_fraction: when at least this fraction of one score() call's samples hit a reward
-        that raised, score() raises RewardError with the first failure's traceback and sample (1.0: only
-        when every sample failed; a plugin broken on every input must not train on zero rewards)."""
+        that raised or timed out, score() raises RewardError with the first failure's traceback and sample
+        (1.0: only when every sample failed; a plugin broken on every input, or one that never finishes in
+        time, must not train on zero rewards)."""
         if not specs:
             raise ValueError("RewardScorer: at least one RewardSpec is needed")
         if max_workers < 1:
@@ -111,7 +128,14 @@ class RewardScorer:
             raise ValueError(f"RewardScorer: isolation must be one of {list(ISOLATIONS)}, got {isolation!r}")
         self.specs = list(specs)
         # Loaded here too, so an unknown name or a bad signature fails at construction with its own error.
-        self.rewards: list[LoadedReward] = [get_reward(s.name, **s.kwargs) for s in self.specs]
+        self.rewards: list[LoadedReward] = [
+            load_reward(s.name, s.kwargs, low=s.low, high=s.high) for s in self.specs
+        ]
+        self.keys = metric_keys([s.name for s in self.specs])  # reward/<key>/...: short names, not paths
+        # Rewards with score_batch (the generative judge) get each score() call's samples in one call.
+        self._batched: dict[int, BatchReward] = {
+            j: b for j, s in enumerate(self.specs) if (b := batch_reward(s.name)) is not None
+        }
         self.timeout_s, self.strict, self.max_workers = timeout_s, strict, max_workers
         self.stop_error_fraction, self.isolation = stop_error_fraction, isolation
         self._pool: WorkerPool | _ThreadPool
@@ -141,34 +165,41 @@ class RewardScorer:
         self.close()
 
     def _resolve(self, t: Task) -> RewardResult:
-        name = self.specs[t.spec].name
-        if t.timed_out:
+        name, key = self.specs[t.spec].name, self.keys[t.spec]
+        if timed_out(t):
             self._counts["reward/timeouts"] += 1
-            self._counts[f"reward/{name}/timeouts"] += 1
+            self._counts[f"reward/{key}/timeouts"] += 1
+            what = f"after {self.timeout_s}s" if t.timed_out else f"({str(t.error)[:120]})"
             if self.strict:
-                raise RewardError(f"reward {name!r} timed out after {self.timeout_s}s on sample {t.index}")
-            return RewardResult(0.0, f"{name}: timeout after {self.timeout_s}s")
+                raise RewardError(f"reward {name!r} timed out {what} on sample {t.index}") from t.error
+            return RewardResult(0.0, f"{key}: timeout {what}")
         if t.error is not None:
             self._counts["reward/errors"] += 1
-            self._counts[f"reward/{name}/errors"] += 1
+            self._counts[f"reward/{key}/errors"] += 1
             if self.strict:
                 raise RewardError(f"reward {name!r} failed on sample {t.index}: {t.error!r}") from t.error
-            return RewardResult(0.0, f"{name}: error {t.error_type}: {str(t.error)[:120]}")
+            return RewardResult(0.0, f"{key}: error {t.error_type}: {str(t.error)[:120]}")
         assert t.result is not None
         if t.result.score == 0.0 and t.result.reason:
-            self._counts[f"reward/{name}/zero"] += 1
+            self._counts[f"reward/{key}/zero"] += 1
         return t.result
 
     def _stop_if_broken(self, tasks: list[Task], inputs: list[RewardInput]) -> None:
-        failed = sorted({t.index for t in tasks if t.error is not None})
+        """Errors and timeouts both count: a reward that always times out must not train on zeros. (In
+        strict mode the first failure raises by itself, with its own message: _resolve.)"""
+        if self.strict:
+            return
+        failed = sorted({t.index for t in tasks if t.error is not None or t.timed_out})
         if not inputs or len(failed) < self.stop_error_fraction * len(inputs):
             return
-        first = next(t for t in tasks if t.error is not None)
+        first = next(t for t in tasks if t.error is not None or t.timed_out)
+        timeouts = len({t.index for t in tasks if timed_out(t)})
         raise RewardError(
             f"reward {self.specs[first.spec].name!r} failed on {len(failed)} of {len(inputs)} samples "
-            f"(reward.stop_error_fraction={self.stop_error_fraction}); "
+            f"({timeouts} timed out; reward.stop_error_fraction={self.stop_error_fraction}); "
             f"first failure, on sample {first.index} "
-            f"(prompt {first.inp.prompt[:200]!r}, completion {first.inp.completion[:200]!r}):\n{first.trace}"
+            f"(prompt {first.inp.prompt[:200]!r}, completion {first.inp.completion[:200]!r}):\n"
+            f"{failure(first, self.timeout_s)}"
         ) from first.error
 
     def score(self, inputs: list[RewardInput]) -> list[RewardResult]:
@@ -177,17 +208,19 @@ class RewardScorer:
             raise RuntimeError("RewardScorer: score() after close()")
         tasks = [Task(i, j, inp) for i, inp in enumerate(inputs) for j in range(len(self.rewards))]
         with self._lock:
-            self._pool.run(tasks)
+            self._pool.run([t for t in tasks if t.spec not in self._batched])
+            for j, reward in self._batched.items():
+                run_batch(reward, [t for t in tasks if t.spec == j], self.rewards[j], self.specs[j].kwargs)
         self._stop_if_broken(tasks, inputs)
         out: list[RewardResult] = []
         for i in range(len(inputs)):
             mine = tasks[i * len(self.rewards) : (i + 1) * len(self.rewards)]
-            parts = [(self.specs[t.spec], self._resolve(t)) for t in mine]
-            total = sum(spec.weight * r.score for spec, r in parts)
+            parts = [(t.spec, self._resolve(t)) for t in mine]
+            total = sum(self.specs[j].weight * r.score for j, r in parts)
             reason = "; ".join(r.reason for _, r in parts if r.reason)
             out.append(RewardResult(total, reason))
-            for spec, r in parts:
-                self._sums[f"reward/{spec.name}/mean"] += r.score
+            for j, r in parts:
+                self._sums[f"reward/{self.keys[j]}/mean"] += r.score
         self._counts["reward/samples"] += len(inputs)
         return out
 

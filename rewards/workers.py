@@ -43,7 +43,9 @@ from rewards.registry import REWARDS, LoadedReward, callable_from
 
 LOAD_TIMEOUT_S = 300.0  # a worker that has not loaded its rewards by then is a configuration error
 MAX_BATCH = 32  # tasks per message: amortises the round trip, keeps the load spread over the workers
-PRELOAD = ["__main__", "rewards.workers", "rewards.builtin"]  # "__main__" is multiprocessing's default
+# "__main__" is multiprocessing's default; cispo.core.launch pins our package names before `rewards` is
+# imported, so a user's rewards.py in the launch directory (on the inherited sys.path) cannot replace it.
+PRELOAD = ["__main__", "cispo.core.launch", "rewards.workers", "rewards.builtin"]
 _HINT = (
     "a reward worker process loads each reward by name or path itself: a reward registered only in the "
     "driver (a lambda, a closure, a function defined in __main__) must move to a module named as "

@@ -30,6 +30,7 @@ import torch
 
 from cispo.core.moe import NO_CHOICE, RoutingRecorder, find_routers, routing_dtype
 from cispo.core.types import Generation, SamplingParams
+from cispo.models.minimax_rope import honour_partial_rotary
 from rollout.engine import register_engine
 from rollout.sampling import process_logits, sample
 from rollout.stopping import StopTracker
@@ -147,6 +148,8 @@ class HFEngine:
         else:
             source = model.get_output_embeddings().weight  # the caller's tensor, before the cast rounds it
             model = copy.deepcopy(model).to(self.dtype)
+        # A MiniMax with partial RoPE (the published checkpoints) rotates only its rotary dims, as the learner
+        model = honour_partial_rotary(model)
         return model.to(self.device).eval(), source
 
     def _set_head(self, source: torch.Tensor | None) -> None:

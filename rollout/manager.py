@@ -19,12 +19,14 @@ import torch
 from cispo.core.placement import in_bundle, make_placement_group
 from cispo.core.types import Generation, PromptGroup, Sample, SamplingParams
 from rollout.engine import build_engine
+from rollout.stall import AUTO, StallTimeout
 from rollout.weight_sync import BroadcastWeightSync, ObjectStoreWeightSync, to_cpu_state_dict
 from rollout.worker import RolloutWorker
 
 log = logging.getLogger(__name__)
 
-Pending = dict[Any, tuple[int, float]]  # in-flight generate call -> (shard, deadline)
+# in-flight generate call -> (shard, deadline, submitted at, how the deadline was chosen)
+Pending = dict[Any, tuple[int, float, float, str]]
 
 
 def expand_groups(groups: list[PromptGroup]) -> list[list[int]]:
@@ -117,8 +119,10 @@ class LocalRolloutManager:
 class RolloutManager:
     """N RolloutWorker actors behind one generate() call, each in a numbered slot, none allowed to hang it.
 
-    Every wait on a worker is bounded. A generate shard gets `worker_timeout_s` from its submission, a
-    weight load `worker_timeout_s`, a fresh worker `start_timeout_s` to come up with the latest weights. A
+    Every wait on a worker is bounded. A generate shard gets `worker_timeout_s` from its submission (0, the
+    default: derived from the shard's budget and the decode speed measured on recent shards, see
+    rollout.stall), a weight load `worker_timeout_s` (0: `start_timeout_s`), a fresh worker
+    `start_timeout_s` to come up with the latest weights. A
     worker that dies, or does not answer in time (frozen: SIGSTOP, a hung kernel), is killed (ray.kill; Ray
     also SIGKILLs a stopped process), restarted with the latest weights, and its shard resubmitted to the
     same slot with the same slot seed (`slot_params`): a seeded request samples what the lost worker would
@@ -147,18 +151,22 @@ class RolloutManager:
         num_gpus_per_worker: float = 0,
         max_restarts: int = 3,
         num_threads_per_worker: int | None = None,
-        worker_timeout_s: float = 1800.0,
+        worker_timeout_s: float = AUTO,
         start_timeout_s: float = 1800.0,
         restart_window_s: float = 3600.0,
         placement_strategy: str | None = None,
         weight_sync: Any = None,
+        timeout_factor: float = 4.0,
+        timeout_floor_s: float = 120.0,
     ) -> None:
         import ray
 
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        if min(worker_timeout_s, start_timeout_s) <= 0 or max_restarts < 0 or restart_window_s < 0:
-            raise ValueError("timeouts must be > 0, max_restarts and restart_window_s >= 0")
+        if worker_timeout_s < 0 or start_timeout_s <= 0 or max_restarts < 0 or restart_window_s < 0:
+            raise ValueError(
+                "timeouts must be > 0 (worker_timeout_s >= 0), max_restarts and restart_window_s >= 0"
+            )
         if not ray.is_initialized():
             ray.init(num_cpus=2, include_dashboard=False)
         self.engine_name = engine_name
@@ -166,6 +174,10 @@ class RolloutManager:
         self.max_restarts = max_restarts
         self.worker_timeout_s = worker_timeout_s
         self.start_timeout_s = start_timeout_s
+        self.stall = StallTimeout(worker_timeout_s, start_timeout_s, timeout_factor, timeout_floor_s)
+        # Weight loads do not decode: an explicit worker_timeout_s, else the start-up limit.
+        self.load_timeout_s = worker_timeout_s or start_timeout_s
+        self._load_key = "rollout.worker_timeout_s" if worker_timeout_s else "rollout.worker_start_timeout_s"
         self.restart_window_s = restart_window_s
         self.num_threads = num_threads_per_worker or max(1, int(num_cpus_per_worker))
         # Restarts are ours, not Ray's: a restarted actor must also get the latest weights back.
@@ -289,16 +301,18 @@ class RolloutManager:
             self._expire(pending, shards, params)
             if not pending:
                 continue
-            deadline = min(d for _, d in pending.values())
+            deadline = min(entry[1] for entry in pending.values())
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             for ref in ready:
-                shard, _ = pending.pop(ref)
+                shard, _, submitted, _ = pending.pop(ref)
                 try:
                     generations, timings = ray.get(ref)
                 except RayActorError as err:
                     self._restart(shard, f"died: {err}")
                     self._submit_tracked(pending, shard, shards[shard], params)
                     continue
+                tokens = sum(len(g.response_ids) for g in generations)
+                self.stall.observe(tokens, time.monotonic() - submitted)
                 results[shard] = generations
                 worker_timings.append(timings)
         generations = [g for i in range(len(shards)) for g in results[i]]
@@ -311,21 +325,22 @@ class RolloutManager:
         import ray
 
         now = time.monotonic()
-        expired = [ref for ref, (_, deadline) in pending.items() if deadline <= now]
+        expired = [ref for ref, entry in pending.items() if entry[1] <= now]
         if not expired:
             return
         _, late = ray.wait(expired, num_returns=len(expired), timeout=0)
         for ref in late:
-            shard, _ = pending.pop(ref)
+            shard, _, _, how = pending.pop(ref)
             self._count("timeouts")
-            why = f"did not answer within rollout.worker_timeout_s={self.worker_timeout_s:g} s"
-            self._restart(shard, why)
+            self._restart(shard, f"did not answer a generate shard within {how}")
             self._submit_tracked(pending, shard, shards[shard], params)
 
     def _submit_tracked(
         self, pending: Pending, slot: int, shard: list[PromptGroup], params: SamplingParams
     ) -> None:
-        pending[self._submit(slot, shard, params)] = (slot, time.monotonic() + self.worker_timeout_s)
+        seconds, how = self.stall.for_shard(sum(g.group_size for g in shard), params.max_new_tokens)
+        now = time.monotonic()
+        pending[self._submit(slot, shard, params)] = (slot, now + seconds, now, how)
 
     def _submit(self, slot: int, shard: list[PromptGroup], params: SamplingParams) -> Any:
         # Shard i always runs on worker slot i, so a failure names the slot to restart; a restarted worker
@@ -355,7 +370,7 @@ class RolloutManager:
         self._sync.ref = ray.put(to_cpu_state_dict(state_dict))
         self._sync.version = version
         loads = {slot: self._sync.restore(worker) for slot, worker in enumerate(self.workers)}
-        _, failed = self._await(loads, self.worker_timeout_s, "rollout.worker_timeout_s")
+        _, failed = self._await(loads, self.load_timeout_s, self._load_key)
         for slot, why in failed.items():
             self._restart(slot, why)
         latency = self._sync.last_latency_s = time.perf_counter() - start
@@ -379,10 +394,10 @@ class RolloutManager:
         import ray
 
         start = time.perf_counter()
-        loads, sends = self._sync.push(self.workers, version, self.worker_timeout_s)
-        failed = self._settle(loads, "rollout.worker_timeout_s")
+        loads, sends = self._sync.push(self.workers, version, self.load_timeout_s)
+        failed = self._settle(loads, self._load_key)
         try:
-            ray.get(sends, timeout=self.worker_timeout_s)
+            ray.get(sends, timeout=self.load_timeout_s)
         except Exception as err:  # noqa: BLE001 - a sender stuck on a dead peer; the group is rebuilt
             if not failed:
                 raise RuntimeError(
@@ -395,7 +410,7 @@ class RolloutManager:
             if why.startswith("died") or why.startswith("did not answer"):
                 self._restart(slot, why)
             else:  # alive, but its weights are half-loaded: load the learner's from the object store
-                self._settle({slot: self._sync.restore(self.workers[slot])}, "rollout.worker_timeout_s", True)
+                self._settle({slot: self._sync.restore(self.workers[slot])}, self._load_key, True)
         latency = self._sync.last_latency_s = time.perf_counter() - start
         self.version = version
         self.last_timings.update({"weight_sync_s": latency, **self._event_timings()})
@@ -407,9 +422,9 @@ class RolloutManager:
         import ray
         from ray.exceptions import RayActorError
 
-        done, late = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.worker_timeout_s)
+        done, late = ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.load_timeout_s)
         by_ref = {ref: slot for slot, ref in refs.items()}
-        failed = {by_ref[ref]: f"did not answer within {key}={self.worker_timeout_s:g} s" for ref in late}
+        failed = {by_ref[ref]: f"did not answer within {key}={self.load_timeout_s:g} s" for ref in late}
         self._count("timeouts", len(late))
         for ref in done:
             try:

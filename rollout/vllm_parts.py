@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from cispo.core.moe import NO_CHOICE
 from cispo.core.weight_channel import BUCKET_BYTES, TensorMeta, plan_buckets, state_dict_metas
+from cispo.models.minimax_layout import NATIVE_MODEL_TYPE, REMOTE_MODEL_TYPES, derived_buffer
 
 _WRAPPERS = ("module.", "_orig_mod.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.")
 # transformers' "mixtral" conversion family: checkpoints say block_sparse_moe.experts.E.w1/w3/w2.
@@ -36,12 +37,14 @@ def checkpoint_names(
     """The learner's (transformers in-memory) names and tensors as a Hugging Face checkpoint has them,
     which is what vLLM's `load_weights` takes: wrapper prefixes dropped, fused MoE experts split per expert
     (views, no copies), Mixtral-style `mlp` back to `block_sparse_moe`, a tied lm_head left out (the
-    embedding carries it)."""
+    embedding carries it), and MiniMax's derived lightning buffers left out (vLLM has no parameter of
+    their names; cispo/models/minimax_layout.py)."""
     mixtral = model_type in _MIXTRAL_STYLE
+    minimax = model_type in (NATIVE_MODEL_TYPE, *REMOTE_MODEL_TYPES)
     gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
     for raw, tensor in pairs:
         name = _strip_wrappers(raw)
-        if tied and name == "lm_head.weight":
+        if (tied and name == "lm_head.weight") or (minimax and derived_buffer(name)):
             continue
         if mixtral:
             name = name.replace(".mlp.", ".block_sparse_moe.")

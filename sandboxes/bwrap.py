@@ -11,6 +11,8 @@ Why each piece is there:
   can escape the memory/pids limits.
 - ``--die-with-parent`` plus the pid namespace: when the scorer dies or the run ends, every process the
   program started dies with it.
+- ``--seccomp`` loads ``sandboxes.seccomp``'s filter (claims S1-S4) just before the interpreter starts: it
+  is built once per process and handed over in a memfd on every run.
 """
 
 from __future__ import annotations
@@ -37,10 +39,12 @@ from sandboxes.base import (
     pump,
 )
 from sandboxes.cgroups import RunCgroups, create_run_cgroups, sweep_stale
+from sandboxes.seccomp import bpf_program, program_fd
 
 WORKDIR = "/work"
 SANDBOX_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": WORKDIR, "PYTHONDONTWRITEBYTECODE": "1"}
 NOBODY = 65534
+VENV_MOUNT = "/opt/cispo-python"
 
 
 def _root_binds(python: str) -> list[str]:
@@ -55,6 +59,16 @@ def _root_binds(python: str) -> list[str]:
     if prefix not in ("/usr", "/"):
         args += ["--ro-bind", prefix, prefix]
     return args
+
+
+def _venv_binds(python: str) -> tuple[list[str], str]:
+    """A virtual environment's interpreter (``<venv>/bin/python3`` beside ``<venv>/pyvenv.cfg``, e.g. the
+    set-up script's ``.venv-sandbox``) runs from a read-only bind of the venv at VENV_MOUNT: outside the
+    writable /work, whatever the host path. Any other interpreter runs as it is."""
+    venv = os.path.dirname(os.path.dirname(os.path.abspath(python)))
+    if not os.path.isfile(os.path.join(venv, "pyvenv.cfg")):
+        return [], python
+    return ["--ro-bind", venv, VENV_MOUNT], f"{VENV_MOUNT}/bin/{os.path.basename(python)}"
 
 
 def _read_child_pid(fd: int, deadline: float) -> int | None:
@@ -103,9 +117,11 @@ class BwrapSandbox(Sandbox):
         if self.use_cgroups:
             sweep_stale()  # leaves of an earlier scorer that was killed mid-run
         self.limits = limits or Limits()
-        self._binds = _root_binds(python)
+        venv, self._exe = _venv_binds(python)
+        self._binds = _root_binds(python) + venv
+        bpf_program()  # fail here, not per run, where libseccomp is missing
 
-    def _command(self, limits: Limits, src_fd: int, info_fd: int, block_fd: int) -> list[str]:
+    def _command(self, limits: Limits, src_fd: int, info_fd: int, block_fd: int, bpf_fd: int) -> list[str]:
         cmd = [self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent"]
         cmd += ["--new-session"]
         cmd += ["--cap-drop", "ALL", "--hostname", "sandbox", "--uid", str(self.uid), "--gid", str(self.gid)]
@@ -118,8 +134,8 @@ class BwrapSandbox(Sandbox):
         cmd += ["--file", str(src_fd), f"{WORKDIR}/main.py", "--chdir", WORKDIR]
         # bwrap's root and /dev are writable tmpfs by default; only /work and /tmp should be.
         cmd += ["--remount-ro", "/dev", "--remount-ro", "/"]
-        cmd += ["--info-fd", str(info_fd), "--block-fd", str(block_fd), "--"]
-        cmd += [self.python, "-I", "-c", LAUNCHER, f"{WORKDIR}/main.py", *launcher_args(limits)]
+        cmd += ["--seccomp", str(bpf_fd), "--info-fd", str(info_fd), "--block-fd", str(block_fd), "--"]
+        cmd += [self._exe, "-I", "-c", LAUNCHER, f"{WORKDIR}/main.py", *launcher_args(limits)]
         return cmd
 
     def run(
@@ -129,6 +145,7 @@ class BwrapSandbox(Sandbox):
         start = time.monotonic()
         cg = create_run_cgroups(limits.memory_bytes, limits.processes) if self.use_cgroups else RunCgroups()
         src_fd = os.memfd_create("cispo-sandbox-src")
+        bpf_fd = program_fd()
         info_r, info_w = os.pipe()
         block_r, block_w = os.pipe()
         try:
@@ -136,21 +153,21 @@ class BwrapSandbox(Sandbox):
             os.lseek(src_fd, 0, os.SEEK_SET)
             drop = {"user": self.uid, "group": self.gid, "extra_groups": []} if os.geteuid() == 0 else {}
             proc = subprocess.Popen(
-                self._command(limits, src_fd, info_w, block_r),
+                self._command(limits, src_fd, info_w, block_r, bpf_fd),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                pass_fds=(src_fd, info_w, block_r),
+                pass_fds=(src_fd, info_w, block_r, bpf_fd),
                 env={"PATH": "/usr/bin:/bin"},
                 process_group=0,
                 **drop,
             )
         except BaseException:
             cg.remove()
-            for fd in (src_fd, info_r, info_w, block_r, block_w):
+            for fd in (src_fd, bpf_fd, info_r, info_w, block_r, block_w):
                 os.close(fd)
             raise
-        for fd in (src_fd, info_w, block_r):
+        for fd in (src_fd, bpf_fd, info_w, block_r):
             os.close(fd)
         try:
             return self._supervise(proc, cg, limits, stdin, start + timeout_s, start, info_r, block_w)
@@ -211,4 +228,4 @@ class BwrapSandbox(Sandbox):
             for n, v in zip(("as", "cpu", "fsize", "nofile", "nproc"), launcher_args(limits))
             if v != "-"
         ]
-        return names + ["wall_clock", "output_cap", "die_with_parent", "scrubbed_env"]
+        return names + ["seccomp", "wall_clock", "output_cap", "die_with_parent", "scrubbed_env"]

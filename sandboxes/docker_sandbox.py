@@ -11,6 +11,11 @@ How each threat-model claim (``sandboxes/__init__``) holds here:
 - ``--network none`` (its own network namespace: host loopback unreachable), read-only root with private
   tmpfs /work and /tmp, uid/gid 65534 with every capability dropped, no-new-privileges and the engine's
   seccomp profile (no new user namespaces), an explicit environment.
+- Seccomp claims S1-S4: the engine's default profile stays (an allow-list that also refuses what Docker
+  refuses), and pid 1 stacks ``sandboxes.seccomp``'s filter, the very program bwrap loads, on top of it
+  before the source is even read; the kernel applies both, the stricter answer wins. The filter is built
+  on the scorer's host and sent ahead of the source on stdin, so the engine must run the same
+  architecture (checked at start); the image needs ``ctypes``.
 - Memory and pids limits are the container's cgroups; rlimits are set by the launcher as in bwrap, except
   RLIMIT_NPROC where the engine enforces a pids limit: without a user namespace it would count every
   container's uid-65534 processes, so one run's fork bomb would stop the others from forking.
@@ -34,29 +39,50 @@ from dataclasses import dataclass
 from typing import Any
 
 from sandboxes.base import LAUNCHER, Limits, RunResult, Sandbox, SandboxError, decode, launcher_args
+from sandboxes.seccomp import bpf_program, machine
 
 PRIVATE_ENGINE = "unix:///run/cispo-docker/docker.sock"
 IMAGES = ("cispo-python:latest", "python:3.11-slim")
 LABEL = "cispo.sandbox"
 DEADLINE_GRACE_S = 2.0
 OOM_EXIT = 247  # pid 1's exit code when the program failed and the memory cgroup killed something
+SECCOMP_EXIT = 246  # pid 1's exit code when it could not install the seccomp filter (nothing ran)
+SECCOMP_FAILED = "cispo-boot: cannot install the seccomp filter"
 STALE_CREATED_S = 120.0  # a container created but never started this long ago belongs to a dead scorer
 
-# Pid 1 of the container: reads exactly N bytes of source from fd 0 (unbuffered, so the program's own
-# stdin stays intact), forks the program (LAUNCHER, below), reaps and waits for it up to a deadline.
+# Pid 1 of the container: reads exactly K bytes of seccomp filter and N bytes of source from fd 0
+# (unbuffered, so the program's own stdin stays intact), installs the filter for itself and everything it
+# starts (any failure ends the run: the program never runs without it), forks the program (LAUNCHER,
+# below), reaps and waits for it up to a deadline.
 BOOT = """\
 import os, signal, sys
-_n, _limit = int(sys.argv[1]), float(sys.argv[2])
-del sys.argv[1:3]
-_buf = _c = b""
-while len(_buf) < _n:
-    _c = os.read(0, _n - len(_buf))
-    if not _c:
-        break
-    _buf += _c
+_k, _n, _limit = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+del sys.argv[1:4]
+def _take(n):
+    b = b""
+    while len(b) < n:
+        c = os.read(0, n - len(b))
+        if not c:
+            break
+        b += c
+    return b
+try:
+    import ctypes
+    class _Prog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+    _bpf = _take(_k)
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    _prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong)
+    if len(_bpf) != _k or _k % 8 or _prctl(38, 1, None, 0, 0):  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "no filter or PR_SET_NO_NEW_PRIVS failed")
+    if _prctl(22, 2, ctypes.byref(_Prog(_k // 8, _bpf)), 0, 0):  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
+        raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP failed")
+except Exception as _e:
+    os.write(2, ("{SECCOMP_FAILED}: %r\\n" % (_e,)).encode())
+    os._exit({SECCOMP_EXIT})
 with open(sys.argv[1], "wb") as _f:
-    _f.write(_buf)
-del _buf, _c
+    _f.write(_take(_n))
+del _k, _take, _Prog, _bpf, _prctl
 _pid = os.fork()
 if _pid:
     import select, time
@@ -98,7 +124,14 @@ if _pid:
             pass
     os._exit(_code)
 del _n, _limit, _f, _pid
-""".replace("{OOM_EXIT}", str(OOM_EXIT))
+"""
+for _key, _value in (
+    ("OOM_EXIT", OOM_EXIT),
+    ("SECCOMP_EXIT", SECCOMP_EXIT),
+    ("SECCOMP_FAILED", SECCOMP_FAILED),
+):
+    BOOT = BOOT.replace("{" + _key + "}", str(_value))
+del _key, _value
 
 
 def _connect(base_url: str | None) -> Any:
@@ -243,6 +276,14 @@ class DockerSandbox(Sandbox):
         except BaseException:
             self.client.close()
             raise
+        if info.get("Architecture", machine()) != machine():
+            self.client.close()
+            raise SandboxError(
+                f"docker sandbox: the engine runs on {info.get('Architecture')} but the seccomp filter "
+                f"(sandboxes/seccomp.py) is compiled here for {machine()}; score on a node of the engine's "
+                "architecture"
+            )
+        self._bpf = bpf_program()
         self.python, self.cpus = python, cpus
         self.limits = limits or Limits()
         self.labels = {LABEL: "1", **(labels or {})}
@@ -262,7 +303,8 @@ class DockerSandbox(Sandbox):
         if self.has_pids and limits.processes is not None:
             rlimits[4] = "-"  # the pids cgroup bounds this run alone; see the module docstring
         limit_s = f"{timeout_s + DEADLINE_GRACE_S:.3f}"
-        cmd = [self.python, "-I", "-c", BOOT + LAUNCHER, str(nbytes), limit_s, "/work/main.py", *rlimits]
+        cmd = [self.python, "-I", "-c", BOOT + LAUNCHER, str(len(self._bpf)), str(nbytes), limit_s]
+        cmd += ["/work/main.py", *rlimits]
         tmpfs_opts = f"size={limits.tmpfs_bytes},uid=65534,gid=65534,mode=0700"
         host: dict[str, Any] = {}
         if limits.memory_bytes is not None:
@@ -305,7 +347,7 @@ class DockerSandbox(Sandbox):
         limits = limits or self.limits
         start = time.monotonic()
         src = source.encode("utf-8", errors="surrogateescape")
-        data = src + stdin.encode("utf-8", errors="surrogateescape")
+        data = self._bpf + src + stdin.encode("utf-8", errors="surrogateescape")
         api = self.client.api
         try:
             cid = self._create(limits, len(src), timeout_s)
@@ -344,6 +386,8 @@ class DockerSandbox(Sandbox):
         reason = "timeout" if io.timed_out else "output_limit" if io.over_output else ""
         if not reason and code == OOM_EXIT and limits.memory_bytes is not None:
             reason, code = "memory_limit", 137
+        if not reason and code == SECCOMP_EXIT and io.stderr.startswith(SECCOMP_FAILED.encode()):
+            reason = "sandbox_setup"  # pid 1 could not install the filter, so the program never ran
         return RunResult(
             exit_code=None if reason in ("timeout", "output_limit") else code,
             stdout=decode(io.stdout),
@@ -357,7 +401,7 @@ class DockerSandbox(Sandbox):
 
     def applied_limits(self, limits: Limits) -> list[str]:
         names = ["container", "namespaces:pid,net,ipc,uts,mount", "network_none", "readonly_root"]
-        names += ["uid:65534", "cap_drop_all", "no_new_privileges", "seccomp"]
+        names += ["uid:65534", "cap_drop_all", "no_new_privileges", "engine_seccomp", "seccomp"]
         rlimits = zip(("as", "cpu", "fsize", "nofile", "nproc"), launcher_args(limits))
         names += [f"rlimit_{n}" for n, v in rlimits if v != "-" and not (n == "nproc" and self.has_pids)]
         if self.has_memory and limits.memory_bytes is not None:

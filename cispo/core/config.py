@@ -12,14 +12,15 @@ from typing import Any
 
 from omegaconf import MISSING
 
+from cispo.core.checks import check_finite, check_finite_fields
+from cispo.core.checks import require as _require
+from cispo.core.reward_config import CodeRewardConfig
+
+__all__ = ["check_finite", "check_finite_fields"]  # re-exported: the one non-finite check, by config users
+
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 # How a loss normalises its token sum (cispo.algo.losses.normalization_weights implements them).
 NORMALIZERS = ("token", "group", "sample", "sample_token")
-
-
-def _require(condition: bool, key: str, message: str) -> None:
-    if not condition:
-        raise ValueError(f"config error at {key}: {message}")
 
 
 @dataclass
@@ -51,6 +52,7 @@ class WarmstartConfig:
         return self.seed if self.enabled and self.seed >= 0 else experiment_seed
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, "model.warmstart")
         _require(0.0 <= self.target_accuracy <= 1.0, "model.warmstart.target_accuracy", "must be in [0, 1]")
         _require(self.max_steps >= 0 and self.batch_size > 0, "model.warmstart", "steps >= 0, batch_size > 0")
         _require(self.lr > 0, "model.warmstart.lr", "must be > 0")
@@ -79,6 +81,7 @@ class ModelConfig:
         return self.tokenizer or own.get(self.name, self.name)
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, "model")
         _require(
             self.dtype in ("float32", "bfloat16"), "model.dtype", f"float32 or bfloat16, got {self.dtype!r}"
         )
@@ -99,12 +102,16 @@ class DataConfig:
     answer_key: str = "answer"
     prompt_template: str = "{prompt}"
     chat_template: bool = False  # wrap the prompt in the tokenizer's chat template (instruct models)
+    # A prompt that leaves no room for the generation budget in the model's context is refused at load
+    # (naming its row); true: keep its last tokens instead (the number truncated is printed).
+    truncate_prompts: bool = False
     num_train: int = 50000
     num_eval: int = 256
     prompts_per_step: int = 32
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, "data")
         sources = ("addition", "reasoning_gym", "jsonl", "parquet", "hub")
         _require(self.source in sources, "data.source", f"one of {list(sources)}, got {self.source!r}")
         _require(
@@ -141,14 +148,22 @@ class RolloutConfig:
     # worker_timeout_s, or a fresh one not up within worker_start_timeout_s, is killed and restarted with
     # the latest weights, its shard resubmitted. A slot may restart max_restarts times within any
     # restart_window_s seconds (0: within the whole run); one more stops the run.
-    worker_timeout_s: float = 1800.0
+    # worker_timeout_s 0 (auto): a shard gets worker_timeout_factor x the time its samples take at the full
+    # budget and the slowest recently measured decode speed, at least worker_timeout_min_s (before any
+    # measurement, and for weight loads, worker_start_timeout_s). > 0: that many seconds, fixed.
+    worker_timeout_s: float = 0.0
+    worker_timeout_factor: float = 4.0
+    worker_timeout_min_s: float = 120.0
     worker_start_timeout_s: float = 1800.0
     max_restarts: int = 3
     restart_window_s: float = 3600.0
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, "rollout")
         _require(self.backend in ("ray", "local"), "rollout.backend", f"ray or local, got {self.backend!r}")
-        _require(self.worker_timeout_s > 0, "rollout.worker_timeout_s", "must be > 0")
+        _require(self.worker_timeout_s >= 0, "rollout.worker_timeout_s", "must be >= 0 (0: auto)")
+        _require(self.worker_timeout_factor >= 1, "rollout.worker_timeout_factor", "must be >= 1")
+        _require(self.worker_timeout_min_s > 0, "rollout.worker_timeout_min_s", "must be > 0")
         _require(self.worker_start_timeout_s > 0, "rollout.worker_start_timeout_s", "must be > 0")
         _require(self.max_restarts >= 0, "rollout.max_restarts", "must be >= 0 (0: the first failure stops)")
         _require(self.restart_window_s >= 0, "rollout.restart_window_s", "must be >= 0 (0: the whole run)")
@@ -174,16 +189,22 @@ class RewardItem:
     name: str = MISSING
     weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # The range the reward's scores fall in, when it is not the one the reward declares (default [0, 1]);
+    # a score outside it stops being a score and counts as an error (rewards/base.py: the contract).
+    low: float | None = None
+    high: float | None = None
 
 
 @dataclass
 class RewardConfig:
     rewards: list[RewardItem] = field(default_factory=lambda: [RewardItem(name="exact_match")])
+    code: CodeRewardConfig = field(default_factory=CodeRewardConfig)
     timeout_s: float = 10.0
     strict: bool = False
     max_workers: int = 2
     # Stop the run (with the plugin's traceback and the sample) once this fraction of a step's samples
-    # hit a reward that raised; 1.0 stops only when every sample failed. reward/errors is always logged.
+    # hit a reward that raised or timed out; 1.0 stops only when every sample failed. reward/errors and
+    # reward/timeouts are always logged.
     stop_error_fraction: float = 1.0
     # "process": rewards run in worker processes, and a timed-out one is killed; "thread": in this process.
     isolation: str = "process"
@@ -192,6 +213,7 @@ class RewardConfig:
     cpus_per_actor: float = 1.0  # Ray CPUs each reward actor reserves (its threads: this, at least 1)
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, "reward")
         _require(len(self.rewards) > 0, "reward.rewards", "needs at least one reward")
         _require(self.timeout_s > 0, "reward.timeout_s", "must be > 0")
         _require(self.max_workers >= 1, "reward.max_workers", "must be >= 1 (0 would score nothing, forever)")
@@ -216,13 +238,24 @@ class AlgorithmConfig:
     filter_zero_variance: bool = True
     dynamic_sampling_rounds: int = 0  # extra rollout rounds to refill groups dropped as zero-variance
     pipeline_one_step: bool = False  # overlap the next rollout with this update (one step off-policy)
+    # This many steps in a row in which every group's rewards are all equal (nothing to learn from) stop
+    # the run naming the likely causes, or only warn (zero_variance_action=warn); 0: never.
+    max_zero_variance_steps: int = 20
+    zero_variance_action: str = "stop"
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, "algorithm")
         # Names resolved through registries (loss, advantage) are checked by cispo.driver.validate.
         _require(self.normalizer in NORMALIZERS, "algorithm.normalizer", f"one of {list(NORMALIZERS)}")
         _require(self.group_size >= 2, "algorithm.group_size", "must be >= 2 for group advantages")
         _require(self.updates_per_batch >= 1, "algorithm.updates_per_batch", "must be >= 1")
         _require(self.dynamic_sampling_rounds >= 0, "algorithm.dynamic_sampling_rounds", "must be >= 0")
+        _require(self.max_zero_variance_steps >= 0, "algorithm.max_zero_variance_steps", ">= 0 (0: off)")
+        _require(
+            self.zero_variance_action in ("stop", "warn"),
+            "algorithm.zero_variance_action",
+            f"stop or warn, got {self.zero_variance_action!r}",
+        )
 
 
 @dataclass
@@ -255,6 +288,7 @@ class LearnerConfig:
     zero_init: bool = True
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, "learner")
         _require(self.lr > 0, "learner.lr", "must be > 0")
         _require(
             self.grad_clip >= 0, "learner.grad_clip", "must be >= 0 (0: no clipping); < 0 flips every update"
@@ -288,6 +322,7 @@ class StageConfig:
     normalizer: str | None = None  # e.g. the report's sample_token (sample- and token-level) later on
 
     def check(self, key: str) -> None:
+        check_finite_fields(self, key)
         _require(
             self.normalizer is None or self.normalizer in NORMALIZERS, f"{key}.normalizer", str(NORMALIZERS)
         )
@@ -323,6 +358,7 @@ class CurriculumConfig:
     perplexity_tolerance: float = 0.02
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, "curriculum")
         if self.enabled:
             _require(len(self.stages) > 0, "curriculum.stages", "needs at least one stage")
             budgets = [s.budget for s in self.stages]
@@ -357,8 +393,11 @@ class LoggingConfig:
     table_samples: int = 8
     progress: bool = True
     plot: bool = True
+    wandb_artifacts: bool = False  # each checkpoint and hf/ as W&B artifacts (offline: staged copies)
+    wandb_view: bool = True  # an online run creates its project's workspace view when it has none
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, "logging")
         _require(self.wandb in WANDB_MODES, "logging.wandb", f"one of {list(WANDB_MODES)}")
         _require(self.log_every >= 1, "logging.log_every", "must be >= 1")
         _require(self.table_every >= 1, "logging.table_every", "must be >= 1")
@@ -373,11 +412,13 @@ class ExperimentConfig:
     eval_every: int = 50
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
+    keep_best: bool = False  # also keep the checkpoint with the best held-out accuracy (eval at its step)
     seed: int = 0
     # Evaluate model.name on the held-out split and stop: no warm start, no training (`cispo-eval`).
     eval_only: bool = False
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, "experiment")
         _require(self.total_steps >= 0, "experiment.total_steps", "must be >= 0")
         _require(self.eval_every >= 0, "experiment.eval_every", "must be >= 0 (0: no evaluation)")
         _require(self.checkpoint_every >= 0, "experiment.checkpoint_every", "must be >= 0 (0: none)")
@@ -408,6 +449,7 @@ class ClusterConfig:
     weight_sync: str = "auto"  # auto | broadcast | object_store (auto: broadcast for ranked learners)
 
     def __post_init__(self) -> None:
+        check_finite_fields(self, "cluster")
         _require(self.num_cpus >= 1, "cluster.num_cpus", "must be >= 1")
         _require(self.num_nodes >= 1, "cluster.num_nodes", "must be >= 1")
         _require(self.gpus_per_node >= 0, "cluster.gpus_per_node", "must be >= 0")

@@ -8,7 +8,9 @@ A name resolves, in order, to
 3. a ``package.module:attr`` path, imported where it is resolved: a DeepSpeed rank or a Ray worker that
    receives the same string finds the same object, which a name registered only in the driver would not;
    or a ``path/to/file.py:attr`` path, loaded from that file (the CLI makes such paths absolute, and puts
-   the working directory on sys.path, so a module next to where you launch is found by name too),
+   the launch directory last on sys.path, so a module next to where you launch is found by name too;
+   one named like an installed package, e.g. a ``rewards.py`` there, is refused by name and must be named
+   by path: :mod:`cispo.core.launch`),
 4. an entry point of the registry's group (``[project.entry-points."cispo.losses"]``), so other packages
    can ship plugins without touching this repository.
 
@@ -26,6 +28,8 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Generic, TypeVar
+
+from cispo.core.launch import launch_dir, launch_dir_on_path, shadowed_file
 
 T = TypeVar("T")
 
@@ -72,6 +76,23 @@ def _import_file(file: str, kind: str, path: str) -> Any:
     return module
 
 
+def _refuse_shadowed(module: Any, module_name: str, attr: str, kind: str, path: str) -> None:
+    """A module of the user's named like an installed one (our ``rewards`` package, say) is never silently
+    swapped for it: ValueError with the path form that loads the user's file."""
+    mine = shadowed_file(module_name, module)
+    if mine is None:
+        return
+    try:
+        shown = f"./{mine.relative_to(launch_dir())}"
+    except ValueError:
+        shown = str(mine)
+    raise ValueError(
+        f"{kind} {path!r}: module {module_name!r} is {getattr(module, '__file__', module_name)}, not your "
+        f"{str(mine)!r} (installed packages come first on the import path); name yours by path: "
+        f"'{shown}:{attr}'"
+    )
+
+
 def import_path(path: str, kind: str = "object") -> Any:
     """The object at ``package.module:attr`` or ``path/to/file.py:attr`` (attr may be dotted); ValueError
     naming what is missing."""
@@ -82,10 +103,12 @@ def import_path(path: str, kind: str = "object") -> Any:
     if module_name.endswith(".py"):
         obj: Any = _import_file(module_name, kind, path)
     else:
+        launch_dir_on_path()
         try:
             obj = importlib.import_module(module_name)
         except ImportError as err:
             raise ValueError(f"{kind} {path!r}: cannot import module {module_name!r} ({err})") from err
+        _refuse_shadowed(obj, module_name, attr, kind, path)
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ValueError(f"{kind} {path!r}: module {module_name!r} has no attribute {attr!r}")

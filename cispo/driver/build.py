@@ -20,15 +20,26 @@ import torch
 
 from cispo.algo.advantages import AdvantageFn, get_advantage
 from cispo.core.config import TrainConfig
+from cispo.core.launch import RAY_SETUP_HOOK
 from cispo.core.registry import callable_from
 from cispo.driver.checkpoint import checkpoint_step
 from cispo.driver.curriculum import LengthCurriculum
-from cispo.driver.data import PromptStream, eval_groups, load_split
+from cispo.driver.data import PromptStream, check_prompt_lengths, eval_groups, load_split
 from cispo.driver.export import INIT_DIR
-from cispo.driver.policy import build_policy, count_parameters, load_policy, load_tokenizer
+from cispo.driver.policy import (
+    TINY_MINIMAX_DEFAULTS,
+    build_policy,
+    count_parameters,
+    link_pretrained,
+    load_policy,
+    load_tokenizer,
+    smollm2_dir,
+)
+from cispo.driver.reaper import ray_temp_dir
 from cispo.driver.rollout_stage import RolloutStage
 from cispo.driver.tracking import Tracker
 from cispo.learner import LEARNERS, Learner, build_learner
+from cispo.models.loading import engine_dir
 from rewards.scorer import RewardScorer, RewardSpec
 from rollout.manager import LocalRolloutManager, RolloutManager
 from rollout.weight_sync import BroadcastWeightSync
@@ -75,10 +86,74 @@ def build_model(cfg: TrainConfig, materialise: bool = True) -> tuple[torch.nn.Mo
     return build_policy(cfg.model, tokenizer, seed=seed), tokenizer
 
 
+def context_length(cfg: TrainConfig) -> int | None:
+    """The model's context in tokens (max_position_embeddings, capped by a vLLM max_model_len), read from
+    its config without loading weights; None when its config cannot be read here."""
+    model = cfg.model
+    if model.name == "tiny_minimax":
+        context = int({**TINY_MINIMAX_DEFAULTS, **model.arch}["max_position_embeddings"])
+    else:
+        from transformers import AutoConfig
+
+        try:
+            source = smollm2_dir() if model.name == "smollm2_gguf" else model.name
+            context = getattr(AutoConfig.from_pretrained(source), "max_position_embeddings", None)
+        except (OSError, ValueError):
+            return None
+    cap = dict(cfg.rollout.engine_kwargs).get("max_model_len")
+    return min(x for x in (context, cap) if x is not None) if context or cap else None
+
+
+def generation_budget(cfg: TrainConfig) -> tuple[int, str]:
+    """The most new tokens a rollout may ask for, and the key that sets it."""
+    if cfg.curriculum.enabled:
+        return max(s.budget for s in cfg.curriculum.stages), "the largest curriculum.stages budget"
+    return cfg.rollout.max_new_tokens, "rollout.max_new_tokens"
+
+
+def prompt_limit(cfg: TrainConfig) -> tuple[int | None, str]:
+    """The longest prompt that leaves room for the generation budget in the model's context (None: the
+    context is unknown), and why, for messages."""
+    context = context_length(cfg)
+    if context is None:
+        return None, ""
+    budget, key = generation_budget(cfg)
+    why = f"the model's context of {context} tokens leaves after a budget of {budget} ({key})"
+    if budget >= context:
+        raise ValueError(
+            f"config error at {key.split()[-1]}: {budget} tokens fill the model's whole context "
+            f"of {context} tokens ({cfg.model.name}), leaving no room for a prompt"
+        )
+    return context - budget, why
+
+
+def check_prompts(cfg: TrainConfig, tokenizer: Any, splits: tuple[Any, Any], say: Any) -> None:
+    """Every prompt fits the model's context with the budget (or is truncated, data.truncate_prompts):
+    checked at data load, before any model is built or trained, naming the first one that does not."""
+    limit, why = prompt_limit(cfg)
+    if limit is None:
+        return
+    for dataset, split in zip(splits, ("train", "eval")):
+        truncated = check_prompt_lengths(dataset, tokenizer, cfg.data, limit, why, split)
+        if truncated:
+            say(
+                f"data.truncate_prompts: {truncated} {split} prompt(s) longer than {limit} tokens keep their "
+                "last tokens"
+            )
+
+
+def truncation_limit(cfg: TrainConfig) -> int | None:
+    return prompt_limit(cfg)[0] if cfg.data.truncate_prompts else None
+
+
 def build_scorer(cfg: TrainConfig) -> Any:
     """The reward scorer: in the driver, or (reward.num_actors > 0) on Ray reward actors, which the
     training and evaluation scorers share (each keeps its own counters)."""
-    specs = [RewardSpec(r.name, r.weight, dict(r.kwargs)) for r in cfg.reward.rewards]
+    code = cfg.reward.code
+    specs = [
+        RewardSpec(r.name, r.weight, code.kwargs_for(r.name, r.kwargs), r.low, r.high)
+        for r in cfg.reward.rewards
+    ]
     kwargs: dict[str, Any] = {
         "timeout_s": cfg.reward.timeout_s,
         "strict": cfg.reward.strict,
@@ -98,7 +173,8 @@ def build_scorer(cfg: TrainConfig) -> Any:
 
 def engine_kwargs(cfg: TrainConfig, model_dir: Path | None, threads: int) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
-        "model_path": None if model_dir is None else str(model_dir),
+        # vLLM gets the layout its release loads (a MiniMax checkpoint converted once; others as they are).
+        "model_path": None if model_dir is None else str(_engine_model_dir(cfg, model_dir)),
         "dtype": cfg.rollout.dtype,
         "max_batch_size": cfg.rollout.max_batch_size,
         "num_threads": threads,
@@ -111,6 +187,10 @@ def engine_kwargs(cfg: TrainConfig, model_dir: Path | None, threads: int) -> dic
     if cfg.rollout.engine == "hf":
         kwargs["record_routing"] = cfg.learner.routing_replay
     return {**kwargs, **dict(cfg.rollout.engine_kwargs)}
+
+
+def _engine_model_dir(cfg: TrainConfig, model_dir: Path) -> Path:
+    return engine_dir(model_dir) if cfg.rollout.engine == "vllm" else model_dir
 
 
 def build_eval_stage(
@@ -130,7 +210,9 @@ def build_eval_only_stage(
 ) -> RolloutStage:
     """The rollout stage of `cispo-eval`: the configured engines over model.name, no prompt stream."""
     manager = build_rollout_manager(cfg, save_initial_policy(run_dir, model, tokenizer, resumed=False))
-    eval_set = eval_groups(load_split(cfg.data, "eval"), tokenizer, cfg.data)
+    eval_split = load_split(cfg.data, "eval")
+    check_prompts(cfg, tokenizer, (eval_split.select([]), eval_split), print)
+    eval_set = eval_groups(eval_split, tokenizer, cfg.data, truncation_limit(cfg))
     return RolloutStage(cfg, tokenizer, manager, (build_scorer(cfg), build_scorer(cfg)), None, eval_set)
 
 
@@ -139,8 +221,11 @@ def start_ray(cfg: TrainConfig) -> None:
 
     if ray.is_initialized():
         return
+    # Ray puts the driver's working directory first on its workers' sys.path: our packages are pinned there
+    # before any task runs, so a user's rewards.py or rollout.py in the launch directory cannot replace them.
+    runtime_env = {"worker_process_setup_hook": RAY_SETUP_HOOK}
     if cfg.cluster.ray_address:
-        ray.init(address=cfg.cluster.ray_address)
+        ray.init(address=cfg.cluster.ray_address, runtime_env=runtime_env)
         check_cluster(cfg, ray.nodes())
     else:
         # A short temp dir: Ray's socket paths must stay under 108 characters. Logical CPUs only schedule
@@ -150,7 +235,8 @@ def start_ray(cfg: TrainConfig) -> None:
             num_gpus=cfg.cluster.gpus_per_node,
             include_dashboard=False,
             log_to_driver=True,
-            _temp_dir=f"/tmp/ray_cispo_{os.getpid()}",
+            _temp_dir=ray_temp_dir(os.getpid()),  # what cispo.driver.reaper looks for after a kill -9
+            runtime_env=runtime_env,
         )
 
 
@@ -203,6 +289,8 @@ def build_rollout_manager(cfg: TrainConfig, model_dir: Path, learner: Learner | 
         num_gpus_per_worker=cfg.rollout.num_gpus_per_worker,
         max_restarts=cfg.rollout.max_restarts,
         worker_timeout_s=cfg.rollout.worker_timeout_s,
+        timeout_factor=cfg.rollout.worker_timeout_factor,
+        timeout_floor_s=cfg.rollout.worker_timeout_min_s,
         start_timeout_s=cfg.rollout.worker_start_timeout_s,
         restart_window_s=cfg.rollout.restart_window_s,
         placement_strategy=cfg.cluster.placement_strategy,
@@ -226,23 +314,6 @@ def save_initial_policy(
         link_pretrained(Path(source), model_dir)
     tokenizer.save_pretrained(model_dir)
     return model_dir
-
-
-def link_pretrained(source: Path, into: Path) -> None:
-    """Weight files as symlinks (no copy of a large model), the small files copied."""
-    import shutil
-
-    if not (source / "config.json").is_file():
-        raise ValueError(f"config error at model.name: {source} is not a local Hugging Face model directory")
-    into.mkdir(parents=True, exist_ok=True)
-    for item in source.iterdir():
-        target = into / item.name
-        if target.exists() or target.is_symlink():
-            target.unlink()
-        if item.name.endswith((".safetensors", ".bin")) or item.name.endswith(".index.json"):
-            target.symlink_to(item.resolve())
-        elif item.is_file():
-            shutil.copy2(item, target)
 
 
 def build_learner_stage(cfg: TrainConfig, model: torch.nn.Module | None, model_dir: Path) -> Learner:
@@ -311,8 +382,9 @@ def build_stages(
         "time/rollout_start_s": time.perf_counter() - start,
     }
     write_placement(run_dir, learner, manager, tracker)
-    stream = PromptStream(splits[0], tokenizer, cfg.data, cfg.algorithm.group_size)
-    eval_set = eval_groups(splits[1], tokenizer, cfg.data)
+    limit = truncation_limit(cfg)
+    stream = PromptStream(splits[0], tokenizer, cfg.data, cfg.algorithm.group_size, limit)
+    eval_set = eval_groups(splits[1], tokenizer, cfg.data, limit)
     rollout = RolloutStage(cfg, tokenizer, manager, (build_scorer(cfg), build_scorer(cfg)), stream, eval_set)
     curriculum = LengthCurriculum(cfg.curriculum, cfg.rollout.max_new_tokens)
     stages = Stages(rollout, learner, tracker, curriculum, get_advantage(cfg.algorithm.advantage))

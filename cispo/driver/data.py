@@ -6,6 +6,7 @@ lacks a field fails at load time with its index and the field's name, before any
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import random
@@ -69,31 +70,94 @@ def resolve_data_file(path: str, key: str) -> Path:
     raise ValueError(f"config error at {key}: no file {str(given)!r} (working directory {str(Path.cwd())!r})")
 
 
-def _file_rows(cfg: DataConfig, split: str) -> datasets.Dataset:
+def jsonl_lines(path: Path) -> list[int]:
+    """The 1-based line numbers of a JSONL file's rows (its non-blank lines), after checking each line is
+    UTF-8 and one JSON object: a bad line fails here in one line naming the file and the line, not deep
+    inside the `datasets` JSON builder (whose errors name neither)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    lines = []
+    with opener(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"config error at data.path: {str(path)!r} line {number}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{where}: not UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1}); "
+                    "save the file as UTF-8"
+                ) from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text.rstrip("\r\n"))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.pos + 1})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: a JSON object per line, got a {type(row).__name__}")
+            lines.append(number)
+    return lines
+
+
+def _json_kind(value: Any) -> str | None:
+    kinds = {bool: "boolean", int: "number", float: "number", str: "string", list: "list", dict: "object"}
+    return None if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def jsonl_type_conflict(path: Path) -> str | None:
+    """'line N: field F is a number, but line M has a string', for the first field whose JSON type changes
+    between rows (one table needs one type per column); None when the types agree."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    first: dict[str, tuple[str, int]] = {}
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for number, text in enumerate(handle, start=1):
+            for key, value in (json.loads(text) if text.strip() else {}).items():
+                kind = _json_kind(value)
+                seen = first.setdefault(key, (kind, number)) if kind else (kind, number)
+                if kind and seen[0] != kind:
+                    return f"line {number}: field {key!r} is a {kind}, but line {seen[1]} has a {seen[0]}"
+    return None
+
+
+def _file_rows(cfg: DataConfig, split: str) -> tuple[datasets.Dataset, list[int] | None]:
+    """The split's rows and, for a JSONL file, each row's 1-based line in it."""
     if cfg.source == "hub":
-        return datasets.load_dataset(cfg.path, split=cfg.split if split == "train" else "test")
-    kind = "json" if cfg.source == "jsonl" else "parquet"
+        return datasets.load_dataset(cfg.path, split=cfg.split if split == "train" else "test"), None
     path = resolve_data_file(cfg.path, "data.path")
     if path.stat().st_size == 0:
         # datasets' JSON builder fails on an empty file with a bare StopIteration.
         raise ValueError(f"config error at data.path: {str(path)!r} is empty")
-    dataset = datasets.load_dataset(kind, data_files=str(path), split="train")
+    lines = jsonl_lines(path) if cfg.source == "jsonl" else None
+    try:
+        dataset = datasets.load_dataset(
+            "json" if cfg.source == "jsonl" else "parquet", data_files=str(path), split="train"
+        )
+    except Exception as err:  # noqa: BLE001 - datasets' errors are long chains; one line names the file
+        cause = err.__cause__ or err
+        why = (jsonl_type_conflict(path) if lines is not None else None) or (
+            f"could not be read as {cfg.source}: {type(cause).__name__}: {str(cause).partition(chr(10))[0]}"
+        )
+        raise ValueError(f"config error at data.path: {str(path)!r} {why}") from err
     n_eval = min(cfg.num_eval, len(dataset) // 5)
     # The last rows are held out: a file's order is the user's, so the split is predictable.
-    return dataset.select(
-        range(len(dataset) - n_eval, len(dataset)) if split == "eval" else range(len(dataset) - n_eval)
-    )
+    rows = range(len(dataset) - n_eval, len(dataset)) if split == "eval" else range(len(dataset) - n_eval)
+    if lines is not None and len(lines) != len(dataset):
+        lines = None  # the builder saw the rows differently: fall back to row numbers
+    selected = dataset.select(rows) if len(rows) else dataset.select([])  # an empty range is refused
+    return selected, None if lines is None else [lines[i] for i in rows]
 
 
-def _normalise(raw: datasets.Dataset, cfg: DataConfig, origin: str) -> datasets.Dataset:
+def _normalise(
+    raw: datasets.Dataset, cfg: DataConfig, origin: str, lines: list[int] | None = None
+) -> datasets.Dataset:
     rows = []
     for index, row in enumerate(raw):
+        where = f"{origin} line {lines[index]}" if lines else f"{origin} row {index + 1}"
         for key in (cfg.prompt_key, cfg.answer_key):
             if key not in row or row[key] is None or (isinstance(row[key], str) and not row[key].strip()):
-                raise ValueError(f"{origin}: row {index} has no usable {key!r} field (keys: {sorted(row)})")
+                raise ValueError(f"{where} has no usable {key!r} field (keys: {sorted(row)})")
         if not isinstance(row[cfg.prompt_key], str):
             raise ValueError(
-                f"{origin}: row {index} field {cfg.prompt_key!r} must be a string, "
+                f"{where}: field {cfg.prompt_key!r} must be a string, "
                 f"got {type(row[cfg.prompt_key]).__name__}"
             )
         metadata = row.get("metadata", "{}")
@@ -104,6 +168,8 @@ def _normalise(raw: datasets.Dataset, cfg: DataConfig, origin: str) -> datasets.
                 if isinstance(row[cfg.answer_key], str)
                 else json.dumps(row[cfg.answer_key]),
                 "metadata": metadata if isinstance(metadata, str) else json.dumps(metadata),
+                # Where the row came from, for messages about it later (a prompt too long for the model).
+                "line": lines[index] if lines else index + 1,
             }
         )
     return datasets.Dataset.from_list(rows)
@@ -123,7 +189,9 @@ def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
             )
         rows = _reasoning_gym_rows(n, split, cfg.seed, cfg.generator, cfg.generator_kwargs)
         return datasets.Dataset.from_list(rows)
-    return _normalise(_file_rows(cfg, split), cfg, origin=f"{cfg.source} dataset {cfg.path!r} ({split})")
+    raw, lines = _file_rows(cfg, split)
+    origin = f"config error at data.path: {cfg.path!r} ({cfg.source}, {split} split)"
+    return _normalise(raw, cfg, origin, lines)
 
 
 def load_splits(cfg: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -136,12 +204,21 @@ def load_splits(cfg: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
 
 
 class PromptStream:
-    """Endless shuffled passes over the train split, tokenised into PromptGroups, with a resumable cursor."""
+    """Endless shuffled passes over the train split, tokenised into PromptGroups, with a resumable cursor.
+    Prompts longer than `max_prompt_tokens` (when set) keep their last tokens (data.truncate_prompts)."""
 
-    def __init__(self, dataset: datasets.Dataset, tokenizer: Any, cfg: DataConfig, group_size: int) -> None:
+    def __init__(
+        self,
+        dataset: datasets.Dataset,
+        tokenizer: Any,
+        cfg: DataConfig,
+        group_size: int,
+        max_prompt_tokens: int | None = None,
+    ) -> None:
         if len(dataset) == 0:
             raise ValueError("the train split is empty")
         self.dataset, self.tokenizer, self.cfg, self.group_size = dataset, tokenizer, cfg, group_size
+        self.max_prompt_tokens = max_prompt_tokens
         self.cursor = 0
         self._order: list[int] = []
         self._epoch = -1
@@ -164,7 +241,7 @@ class PromptStream:
     def make_group(self, index: int, row: dict[str, str]) -> PromptGroup:
         return PromptGroup(
             index=index,
-            prompt_ids=encode_prompt(self.tokenizer, self.cfg, row["prompt"]),
+            prompt_ids=encode_prompt(self.tokenizer, self.cfg, row["prompt"], self.max_prompt_tokens),
             prompt_text=row["prompt"],
             reference=row["answer"],
             metadata=json.loads(row["metadata"]),
@@ -178,16 +255,55 @@ class PromptStream:
         self.cursor = int(state["cursor"])
 
 
-def encode_prompt(tokenizer: Any, cfg: DataConfig, prompt: str) -> list[int]:
+def prompt_text(tokenizer: Any, cfg: DataConfig, prompt: str) -> str:
+    """The text the policy sees: the template applied, and the chat template when configured."""
     text = cfg.prompt_template.format(prompt=prompt)
     if cfg.chat_template:
         messages = [{"role": "user", "content": text}]
         text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return text
 
 
-def eval_groups(dataset: datasets.Dataset, tokenizer: Any, cfg: DataConfig) -> list[PromptGroup]:
+def encode_prompt(tokenizer: Any, cfg: DataConfig, prompt: str, max_tokens: int | None = None) -> list[int]:
+    """The prompt's token ids; with `max_tokens`, only its last `max_tokens` (left-truncated: the question
+    is usually at the end, and the model continues from the end)."""
+    ids = list(tokenizer(prompt_text(tokenizer, cfg, prompt), add_special_tokens=False)["input_ids"])
+    return ids[-max_tokens:] if max_tokens is not None and len(ids) > max_tokens else ids
+
+
+def prompt_lengths(dataset: datasets.Dataset, tokenizer: Any, cfg: DataConfig) -> list[int]:
+    """Every row's prompt length in tokens, tokenised in batches (fast tokenizers batch natively)."""
+    lengths: list[int] = []
+    for start in range(0, len(dataset), 1024):
+        texts = [prompt_text(tokenizer, cfg, p) for p in dataset[start : start + 1024]["prompt"]]
+        lengths += [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return lengths
+
+
+def check_prompt_lengths(
+    dataset: datasets.Dataset, tokenizer: Any, cfg: DataConfig, limit: int, why: str, split: str
+) -> int:
+    """Refuses the first prompt longer than `limit` tokens, naming its row (the file's line for a file)
+    and the lengths; with data.truncate_prompts, returns how many will be left-truncated instead."""
+    too_long = [(i, n) for i, n in enumerate(prompt_lengths(dataset, tokenizer, cfg)) if n > limit]
+    if too_long and not cfg.truncate_prompts:
+        index, length = too_long[0]
+        row = dataset[index]
+        where = (
+            f"{cfg.path!r} line {row['line']}" if cfg.source == "jsonl" else f"{split} split row {index + 1}"
+        )
+        raise ValueError(
+            f"config error at data: {where}: the prompt is {length} tokens, more than the {limit} that {why} "
+            f"({len(too_long)} such prompt(s) in the {split} split); shorten them, or set "
+            "data.truncate_prompts=true to keep each one's last tokens"
+        )
+    return len(too_long)
+
+
+def eval_groups(
+    dataset: datasets.Dataset, tokenizer: Any, cfg: DataConfig, max_prompt_tokens: int | None = None
+) -> list[PromptGroup]:
     if len(dataset) == 0:
         return []
-    stream = PromptStream(dataset, tokenizer, cfg, group_size=1)
+    stream = PromptStream(dataset, tokenizer, cfg, group_size=1, max_prompt_tokens=max_prompt_tokens)
     return [stream.make_group(i, dataset[i]) for i in range(len(dataset))]

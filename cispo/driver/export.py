@@ -1,10 +1,12 @@
 """Trained policies out, in Hugging Face format: `<run dir>/hf/` (safetensors + config + tokenizer), loadable
 with `AutoModelForCausalLM.from_pretrained` and any engine that reads that format.
 
-The run writes it with every checkpoint and at the end; `cispo-export <run dir | checkpoint dir>` writes it
-for an existing run from a checkpoint (the torch learner's `learner.pt`, or a DeepSpeed ZeRO-2/3
-checkpoint, gathered to full fp32 weights). The architecture config and tokenizer come from the run's
-`policy_init/`, which is written once and never overwritten on resume.
+The run writes it with every checkpoint and at the end (its `cispo_export.json` names the step and run id),
+so `hf/` is the trained policy. `cispo-export <run dir | checkpoint dir>` writes it for an existing run from
+a checkpoint (the torch learner's safetensors, or a DeepSpeed ZeRO-2/3 checkpoint, gathered to full fp32
+weights); it says which step it exports and refuses to replace a newer export, or one of another run,
+without `--force`. The architecture config and tokenizer come from the run's `policy_init/`, which is
+written once and never overwritten on resume.
 """
 
 from __future__ import annotations
@@ -17,14 +19,34 @@ from pathlib import Path
 
 import torch
 
-HF_DIR = "hf"
+from cispo.driver.checkpoint import (
+    HF_DIR,
+    MARKER,
+    checkpoint_run_id,
+    checkpoint_step,
+    latest_intact,
+    load_plain,
+    read_hf_marker,
+    verify_checkpoint,
+    write_hf_marker,
+)
+from cispo.learner.torch_learner import WEIGHTS, unique_tensors
+
 INIT_DIR = "policy_init"
-WEIGHTS = "model.safetensors"
+
+__all__ = ["HF_DIR", "INIT_DIR", "WEIGHTS", "export_hf", "main", "policy_dir"]
 
 
-def export_hf(state_dict: dict[str, torch.Tensor], template_dir: Path, out_dir: Path) -> Path:
+def export_hf(
+    state_dict: dict[str, torch.Tensor],
+    template_dir: Path,
+    out_dir: Path,
+    step: int | None = None,
+    run_id: str = "",
+) -> Path:
     """Writes `state_dict` as `out_dir/model.safetensors` next to `template_dir`'s config and tokenizer
-    files. Written to a temporary sibling and renamed into place, so `out_dir` is never half-written."""
+    files (and, given the step, the marker naming it). Written to a temporary sibling and renamed into
+    place, so `out_dir` is never half-written."""
     from safetensors.torch import save_file
 
     tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -37,7 +59,9 @@ def export_hf(state_dict: dict[str, torch.Tensor], template_dir: Path, out_dir: 
             and item.name != "model.safetensors.index.json"
         ):
             shutil.copy2(item, tmp / item.name)
-    save_file(_unshared(state_dict), str(tmp / WEIGHTS), metadata={"format": "pt"})
+    save_file(unique_tensors(state_dict), str(tmp / WEIGHTS), metadata={"format": "pt"})
+    if step is not None:
+        write_hf_marker(tmp, step, run_id)
     old = out_dir.with_name(out_dir.name + ".old")
     if out_dir.exists():
         os.replace(out_dir, old)
@@ -46,61 +70,79 @@ def export_hf(state_dict: dict[str, torch.Tensor], template_dir: Path, out_dir: 
     return out_dir
 
 
-def _unshared(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors, each storage once: a tied head shares the input embedding's tensor, and
-    safetensors refuses shared storage; from_pretrained re-ties it from the config."""
-    seen: set[int] = set()
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in state_dict.items():
-        tensor = tensor.detach().cpu()
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer in seen:
-            continue
-        seen.add(pointer)
-        out[name] = tensor.contiguous()
-    return out
-
-
 def checkpoint_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     """Full weights from a checkpoint directory of either learner."""
-    if (checkpoint / "learner.pt").exists():
-        return torch.load(checkpoint / "learner.pt", map_location="cpu", weights_only=False)["model"]
-    if (checkpoint / "learner").is_dir():
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    if (checkpoint / WEIGHTS).exists():
+        from safetensors.torch import load_file
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag="learner")
-        # The ranks wrap the policy in a log-prob module whose attribute is `policy`.
-        return {name.removeprefix("policy."): tensor for name, tensor in state.items()}
-    raise ValueError(f"{checkpoint} holds no learner state (learner.pt or a DeepSpeed 'learner' tag)")
+        return load_file(str(checkpoint / WEIGHTS))
+    if (checkpoint / "learner.pt").exists():  # a checkpoint from before safetensors: plain tensors only
+        return load_plain(checkpoint / "learner.pt")["model"]
+    if (checkpoint / "learner").is_dir():
+        from cispo.learner.ds_checkpoint import zero_checkpoint_weights
+
+        return zero_checkpoint_weights(checkpoint)
+    raise ValueError(f"{checkpoint} holds no learner state ({WEIGHTS} or a DeepSpeed 'learner' tag)")
 
 
 def resolve_checkpoint(path: Path) -> tuple[Path, Path]:
-    """(run dir, checkpoint dir) from either; a run dir means its latest complete checkpoint."""
-    from cispo.driver.checkpoint import complete_checkpoints
-
-    if (path / "COMPLETE").exists():
+    """(run dir, checkpoint dir) from either; a run dir means its newest intact checkpoint."""
+    if (path / MARKER).exists():
+        problem = verify_checkpoint(path)
+        if problem is not None:
+            raise ValueError(f"{path} is not an intact checkpoint: {problem}")
         return path.parent.parent, path
-    found = complete_checkpoints(path)
-    if not found:
-        raise ValueError(f"{path} is neither a checkpoint nor a run directory with a complete checkpoint")
-    return path, found[-1]
+    found = latest_intact(path)
+    if found is None:
+        raise ValueError(f"{path} is neither a checkpoint nor a run directory with an intact checkpoint")
+    return path, found
+
+
+def refusal(out: Path, step: int, run_id: str) -> str | None:
+    """Why exporting (step, run_id) over `out` would lose a newer or another run's policy; None if not."""
+    if not out.exists():
+        return None
+    marker = read_hf_marker(out)
+    if marker is None:
+        return f"{out} exists and does not say which step it holds (no cispo_export.json)"
+    if str(marker.get("run_id", "")) != run_id:
+        other = marker.get("run_id")
+        return f"{out} holds step {marker.get('step')} of another run (id {other!r}, not {run_id!r})"
+    if int(marker.get("step", -1)) > step:
+        return f"{out} holds step {marker['step']}, newer than this checkpoint's step {step}"
+    return None
+
+
+def policy_dir(path: Path) -> Path:
+    """A run directory means its trained policy, `<run dir>/hf`; any other path is itself."""
+    if not (path / "config.json").exists() and (path / HF_DIR / "config.json").exists():
+        return path / HF_DIR
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cispo-export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("path", type=Path, help="a run directory (its latest checkpoint) or a checkpoint")
+    parser.add_argument(
+        "path", type=Path, help="a run directory (its newest intact checkpoint) or a checkpoint"
+    )
     parser.add_argument("--out", type=Path, default=None, help="default: <run dir>/hf")
+    parser.add_argument("--force", action="store_true", help="replace a newer export, or another run's")
     args = parser.parse_args(argv)
     try:
         run_dir, checkpoint = resolve_checkpoint(args.path)
+        step, run_id = checkpoint_step(checkpoint), checkpoint_run_id(checkpoint)
+        out = args.out or run_dir / HF_DIR
         template = run_dir / INIT_DIR
         if not (template / "config.json").exists():
             raise ValueError(f"{template} has no config.json to take the architecture from")
-        out = export_hf(checkpoint_state_dict(checkpoint), template, args.out or run_dir / HF_DIR)
-    except (ValueError, OSError) as err:
+        problem = refusal(out, -1 if step is None else step, run_id)
+        if problem is not None and not args.force:
+            raise ValueError(f"{problem}; not overwriting it (--force to replace it with {checkpoint.name})")
+        export_hf(checkpoint_state_dict(checkpoint), template, out, step, run_id)
+    except (ValueError, OSError, RuntimeError) as err:
         print(f"cispo-export: {err}", file=sys.stderr)
         return 2
-    print(f"cispo-export: {checkpoint} -> {out}")
+    print(f"cispo-export: step {step} ({checkpoint}) -> {out}")
     return 0
 
 

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,25 +22,47 @@ from cispo.driver.build import (
     build_model,
     build_stages,
     build_tracker,
+    check_prompts,
     ranked_learner,
 )
-from cispo.driver.checkpoint import find_resume_point, load_checkpoint, save_checkpoint
+from cispo.driver.checkpoint import (
+    checkpoint_step,
+    claim_branch,
+    complete_checkpoints,
+    find_resume_point,
+    has_accuracy,
+    load_checkpoint,
+    read_hf_marker,
+    save_checkpoint,
+    write_hf_marker,
+)
 from cispo.driver.curriculum import LengthCurriculum
 from cispo.driver.data import load_splits
-from cispo.driver.export import HF_DIR, INIT_DIR, export_hf
+from cispo.driver.export import HF_DIR, INIT_DIR, export_hf, policy_dir
 from cispo.driver.policy import builds_in_driver
 from cispo.driver.tracking import plot_curves
-from cispo.driver.update import NonFiniteGuard, make_train_batch, train_keys, update_policy
+from cispo.driver.update import (
+    NonFiniteGuard,
+    ZeroVarianceGuard,
+    make_train_batch,
+    train_keys,
+    update_policy,
+)
 from cispo.driver.warmstart import warm_start_stage
 
 
 class Loop:
     """The loop's own state, all of it checkpointed: step, last eval, the minibatch shuffling RNG."""
 
-    def __init__(self, seed: int, max_nonfinite_steps: int = 3) -> None:
+    def __init__(
+        self, seed: int, max_nonfinite_steps: int = 3, zero_variance: ZeroVarianceGuard | None = None
+    ) -> None:
         self.step, self.last_eval = 0, float("nan")
+        self.run_id = ""  # the branch's id in every checkpoint manifest and hf/ marker (claim_branch)
+        self.eval_step = -1  # the step of the last evaluation (a checkpoint's accuracy must be its own)
         self.generator = torch.Generator().manual_seed(seed)
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self.zero_variance = zero_variance or ZeroVarianceGuard(0)
         self.data_state: dict = {}
 
     def state(self, stages: Stages) -> dict:
@@ -69,6 +92,8 @@ def learn(cfg: TrainConfig, stages: Stages, samples: list[Sample], loop: Loop) -
     """Group advantages -> K minibatch updates -> new weights to the rollout engines."""
     pad = stages.rollout.tokenizer.pad_token_id
     batch, metrics = make_train_batch(samples, cfg.algorithm, stages.advantage_fn, pad)
+    reward_mean = sum(s.reward for s in samples) / max(1, len(samples))
+    loop.zero_variance.observe(metrics["advantage/zero_variance_frac"], reward_mean, stages.tracker.print)
     metrics.update(dict.fromkeys(train_keys(cfg.algorithm.loss), float("nan")))
     if batch is not None:
         metrics.update(update_policy(stages.learner, batch, cfg.algorithm, loop.generator, loop.nonfinite))
@@ -108,9 +133,33 @@ def finish_step(
     if step % cfg.logging.table_every == 0 or step == 1:
         stages.tracker.log_samples(step, _table_rows(samples, cfg.logging.table_samples))
     if cfg.experiment.checkpoint_every and step % cfg.experiment.checkpoint_every == 0:
-        run_dir = stages.tracker.run_dir
-        save_checkpoint(run_dir, step, stages.learner, loop.state(stages), cfg.experiment.keep_checkpoints)
-        export_policy(stages)
+        checkpoint(cfg, stages, loop)
+
+
+def checkpoint(cfg: TrainConfig, stages: Stages, loop: Loop) -> None:
+    """A checkpoint of this step, and the policy it holds exported to <run dir>/hf."""
+    run_dir = stages.tracker.run_dir
+    state = loop.state(stages)
+    keep, best = cfg.experiment.keep_checkpoints, cfg.experiment.keep_best
+    accuracy = loop.last_eval if loop.eval_step == loop.step else math.nan  # this step's own, or none
+    saved = save_checkpoint(run_dir, loop.step, stages.learner, state, keep, loop.run_id, accuracy, best)
+    export_policy(stages, loop)
+    stages.tracker.log_directory(saved, "checkpoint", loop.step)  # W&B artifacts: logging.wandb_artifacts
+    stages.tracker.log_directory(run_dir / HF_DIR, "model", loop.step)
+
+
+def final_checkpoint(cfg: TrainConfig, stages: Stages, loop: Loop) -> None:
+    """Every run ends with a complete checkpoint of its last step (a run shorter than checkpoint_every
+    and one stopped by experiment.max_time_s included), so `hf/` and the newest checkpoint agree."""
+    run_dir = stages.tracker.run_dir
+    newest = complete_checkpoints(run_dir)
+    last = newest[-1] if newest and checkpoint_step(newest[-1]) == loop.step else None
+    # The final evaluation ran after this step's checkpoint: write it again, with its accuracy (keep_best).
+    unscored = last is not None and loop.eval_step == loop.step and not has_accuracy(last)
+    if last is None or unscored:
+        checkpoint(cfg, stages, loop)
+    elif read_hf_marker(run_dir / HF_DIR) != {"step": loop.step, "run_id": loop.run_id}:
+        export_policy(stages, loop)  # e.g. a resume at the last step, after claim_branch moved hf/ aside
 
 
 def apply_stage(cfg: TrainConfig, stages: Stages) -> None:
@@ -130,33 +179,40 @@ def apply_stage(cfg: TrainConfig, stages: Stages) -> None:
 def evaluate(cfg: TrainConfig, stages: Stages, loop: Loop) -> dict[str, float]:
     """Held-out evaluation: its samples go to their own table, its numbers to eval/* keys only."""
     result = stages.rollout.evaluate(stages.curriculum.budget, loop.step)
-    loop.last_eval = result.accuracy
+    loop.last_eval, loop.eval_step = result.accuracy, loop.step
     stages.tracker.log_samples(
         loop.step, _table_rows(result.samples, cfg.logging.table_samples), table="eval"
     )
     return {"eval/accuracy": result.accuracy, "eval/ran": 1, **result.metrics}
 
 
-def export_policy(stages: Stages) -> None:
-    """The current policy in Hugging Face format under <run dir>/hf (replaced atomically)."""
+def export_policy(stages: Stages, loop: Loop) -> None:
+    """The current policy in Hugging Face format under <run dir>/hf (replaced atomically), with the step
+    and run id it holds (so cispo-export never replaces it with an older one)."""
     run_dir = stages.tracker.run_dir
     if hasattr(stages.learner, "save_hf"):  # a learner on Ray ranks writes from rank 0
         stages.learner.save_hf(run_dir / INIT_DIR, run_dir / HF_DIR)
+        write_hf_marker(run_dir / HF_DIR, loop.step, loop.run_id)
     else:
-        export_hf(stages.learner.state_dict_for_sync(), run_dir / INIT_DIR, run_dir / HF_DIR)
+        weights = stages.learner.state_dict_for_sync()
+        export_hf(weights, run_dir / INIT_DIR, run_dir / HF_DIR, loop.step, loop.run_id)
 
 
 def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     if cfg.experiment.eval_only:
         return evaluate_only(cfg, run_dir)
     resume_from = find_resume_point(run_dir, cfg.resume)
+    run_id, moved = claim_branch(run_dir, resume_from)  # before the tracker opens this branch's logs
     tracker = build_tracker(cfg, run_dir, resume_from)
+    for message in moved:
+        tracker.print(message)
     splits = load_splits(cfg.data)  # first: an empty or unreadable dataset fails before any model is built
     tracker.print(
         f"run dir {run_dir}; loading policy {cfg.model.name} (tokenizer {cfg.model.tokenizer_spec()})"
     )
     warm = cfg.model.warmstart.enabled and resume_from is None
     model, tokenizer = build_model(cfg, builds_in_driver(cfg.model, ranked_learner(cfg), warm))
+    check_prompts(cfg, tokenizer, splits, tracker.print)  # before the warm start: a long prompt fails now
     info: dict[str, float] = {}
     if warm:
         info.update(warm_start_stage(cfg, model, tokenizer, splits, tracker.print))
@@ -167,14 +223,17 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     del model  # the learner holds its own (in this process) or loaded it on its ranks
     seconds = built["time/rollout_start_s"]
     tracker.print(f"policy: {info['parameters'] / 1e6:.2f}M parameters; rollout up in {seconds:.1f} s")
-    loop = Loop(cfg.experiment.seed, cfg.learner.max_nonfinite_steps)
+    algo = cfg.algorithm
+    zero_variance = ZeroVarianceGuard(algo.max_zero_variance_steps, algo.zero_variance_action)
+    loop = Loop(cfg.experiment.seed, cfg.learner.max_nonfinite_steps, zero_variance)
+    loop.run_id = run_id
     apply_stage(cfg, stages)
     if resume_from is not None:
         loop.restore(cfg, stages, resume_from)
     started = time.perf_counter()
     try:
         run_loop(cfg, stages, loop, info)
-        export_policy(stages)
+        final_checkpoint(cfg, stages, loop)
     finally:
         stages.close()
     if cfg.logging.plot:
@@ -190,6 +249,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
 def evaluate_only(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     """`cispo-eval`: model.name on the held-out split, written like a training run's evaluations
     (metrics.jsonl row with eval/*, every generation in eval_samples.jsonl), with no training."""
+    model_dir = policy_dir(Path(cfg.model.name))
+    if str(model_dir) != cfg.model.name:  # a run directory: its trained policy
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=str(model_dir)))
     tracker = build_tracker(cfg, run_dir, None)
     model, tokenizer = build_model(cfg)
     stage = build_eval_only_stage(cfg, run_dir, model, tokenizer)

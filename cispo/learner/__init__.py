@@ -4,13 +4,15 @@ A learner turns TrainBatches into optimizer steps and exports weights for the ro
 
     compute_logprobs(batch) -> Tensor [B, L]        no grad, the current policy's log-probs
     train_step(batch, return_logprobs) -> StepResult one optimizer step over one minibatch
+    train_steps(minibatches, return_logprobs)        K optimizer steps in one call (one StepResult each):
+                                                     the same updates as K train_step calls, one request
     state_dict_for_sync() -> dict[str, Tensor]      weights for the engines (full, unsharded)
     save(directory) / load(directory)               model, optimizer and scheduler state
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -24,6 +26,9 @@ class Learner(Protocol):
 
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor: ...
     def train_step(self, batch: TrainBatch, return_logprobs: bool = False) -> StepResult: ...
+    def train_steps(
+        self, minibatches: list[TrainBatch], return_logprobs: Sequence[bool] | None = None
+    ) -> list[StepResult]: ...
     def state_dict_for_sync(self) -> dict[str, torch.Tensor]: ...
     def save(self, directory: str) -> None: ...
     def load(self, directory: str) -> None: ...

@@ -6,6 +6,7 @@ actor (cispo/learner/deepspeed_rank.py) owning one DeepSpeed engine:
     learner = build_learner("deepspeed", model=load_fn, cfg=cfg.learner, algorithm=cfg.algorithm,
                             total_steps=cfg.experiment.total_steps, temperature=cfg.rollout.temperature)
     result = learner.train_step(minibatch)             # StepResult: one optimizer step over all ranks
+    results = learner.train_steps(minibatches)         # K steps, one request per rank, one StepResult each
     learner.send_weights(...) / learner.save_hf(...)   # weights leave from rank 0, never via the driver
     learner.close()
 
@@ -24,10 +25,12 @@ since ZeRO averages gradients over ranks, and the gradients summed over micro-ba
 full-minibatch gradient; engine.step() clips by the global norm and applies AdamW. A non-finite global
 gradient norm makes DeepSpeed discard the step on every rank (gradients cleared, weights, optimizer and
 scheduler untouched); it is reported as `skipped_frac` 1, as the torch learner does, and the driver's
-NonFiniteGuard stops the run after learner.max_nonfinite_steps such steps in a row.
+NonFiniteGuard stops the run after learner.max_nonfinite_steps such steps in a row. train_steps (the
+driver's K updates per rollout batch) sends each rank the micro-batches of all K minibatches in one Ray
+call and the rank runs the K steps in order, so K updates cost one round trip, not K.
 
-Optimizer: torch.optim.AdamW(betas, eps=1e-15) handed to deepspeed.initialize (DeepSpeed's FusedAdam
-is CUDA-only and its CPUAdam JIT-compiles; torch's runs on the flat ZeRO partitions as they are).
+Optimizer: torch.optim.AdamW(betas, eps=1e-15, fused) handed to deepspeed.initialize (DeepSpeed's
+FusedAdam is CUDA-only and its CPUAdam JIT-compiles; torch's runs on the flat ZeRO partitions as they are).
 Precision: fp32, or bf16 with fp32 master weights when the model's parameters are bf16.
 
 Model: a picklable zero-argument callable that builds or loads the policy on each rank (the driver passes
@@ -48,7 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -202,10 +205,30 @@ class DeepSpeedLearner:
 
     def train_step(self, batch: TrainBatch, return_logprobs: bool = False) -> StepResult:
         """One optimizer step on one minibatch over all ranks (see the module docstring)."""
+        return self.train_steps([batch], [return_logprobs])[0]
+
+    def train_steps(
+        self, minibatches: list[TrainBatch], return_logprobs: Sequence[bool] | None = None
+    ) -> list[StepResult]:
+        """K optimizer steps, one per minibatch in order, in one request per rank: each rank gets every
+        minibatch's micro-batches at once and steps through them (the same updates as K train_step
+        calls, without K driver round trips)."""
+        flags = list(return_logprobs or [False] * len(minibatches))
+        if len(flags) != len(minibatches):
+            raise ValueError(f"{len(minibatches)} minibatches but {len(flags)} return_logprobs flags")
+        plans = [plan_micro_batches(batch, self.world, self.cfg.micro_batch_tokens) for batch in minibatches]
+        parts = [self._parts(batch, plan) for batch, plan in zip(minibatches, plans)]  # [K][rank]
+        per_rank = self._each("train_many", [([p[rank] for p in parts], flags) for rank in range(self.world)])
+        return [
+            self._step_result(batch, plan, flag, [replies[k] for replies in per_rank])
+            for k, (batch, plan, flag) in enumerate(zip(minibatches, plans, flags))
+        ]
+
+    def _parts(self, batch: TrainBatch, plan: Plan) -> list[list[tuple]]:
+        """Per rank, its micro-batches of one minibatch: (part, token weights, token share, dummy)."""
         weights = normalization_weights(batch.response_mask, self.algorithm.normalizer, batch.group_ids)
         tokens = max(batch.num_response_tokens(), 1)
-        plan = plan_micro_batches(batch, self.world, self.cfg.micro_batch_tokens)
-        requests = []
+        out = []
         for rank_plan in plan:
             parts = []
             for rows in rank_plan:
@@ -216,8 +239,11 @@ class DeepSpeedLearner:
                 part = batch.select(rows)
                 share = part.num_response_tokens() / tokens
                 parts.append((part, weights[rows, : part.input_ids.shape[1]], share, False))
-            requests.append((parts, return_logprobs))
-        replies = self._each("train", requests)
+            out.append(parts)
+        return out
+
+    def _step_result(self, batch: TrainBatch, plan: Plan, return_logprobs: bool, replies: list) -> StepResult:
+        """One minibatch's StepResult from every rank's reply for it."""
         step = StepParts()
         for rank_parts, *_ in replies:
             step.merge(rank_parts)

@@ -181,21 +181,25 @@ class DeepSpeedRank:
         seen = []
         lr = self.scheduler.get_last_lr()[0]
         for part, weights, share, dummy in parts:
-            logprobs, entropy, router_logits = self._forward(part, with_entropy=True)
-            loss, metrics = micro_batch_loss(
-                self.policy,
-                logprobs,
-                entropy,
-                _to(part, self.device),
-                weights.to(self.device),
-                router_logits,
-                loss_fn=self.loss_fn,
-                cfg=self.cfg,
-                algorithm=self.algorithm,
-                token_share=share,
-            )
-            # ZeRO averages gradients over ranks; each rank's loss is already its share of the global sum.
-            self.engine.backward(loss * self.world)
+            part = _to(part, self.device)
+            # The backward inside the replay too: gradient checkpointing recomputes the forward there, and
+            # must route it the same way (else it saves other tensors and torch raises CheckpointError).
+            with moe_context(self.policy, part, self.cfg) as router_logits:
+                logprobs, entropy = self.engine(part.input_ids, part.attention_mask, part.response_mask, True)
+                loss, metrics = micro_batch_loss(
+                    self.policy,
+                    logprobs,
+                    entropy,
+                    part,
+                    weights.to(self.device),
+                    router_logits,
+                    loss_fn=self.loss_fn,
+                    cfg=self.cfg,
+                    algorithm=self.algorithm,
+                    token_share=share,
+                )
+                # ZeRO averages gradients over ranks; each rank's loss is already its share of the sum.
+                self.engine.backward(loss * self.world)
             if not dummy:
                 step.add(metrics, loss, share)
             seen.append(logprobs.detach().cpu() if return_logprobs else None)
@@ -210,6 +214,10 @@ class DeepSpeedRank:
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float("nan") if grad_norm is None or not applied else float(grad_norm)
         return step, grad_norm, lr, seen, applied
+
+    def train_many(self, minibatches: list[list[tuple]], return_logprobs: list[bool]) -> list[tuple]:
+        """train() on each minibatch's micro-batches in order: K optimizer steps in one request."""
+        return [self.train(parts, flag) for parts, flag in zip(minibatches, return_logprobs, strict=True)]
 
     def apply_settings(self, settings: dict) -> None:
         """A curriculum stage's settings (see TorchLearner.apply_settings), on this rank."""
@@ -240,7 +248,10 @@ class DeepSpeedRank:
         self.engine.save_checkpoint(directory, tag="learner", client_state={"version": version})
 
     def load(self, directory: str) -> int:
-        _, client_state = self.engine.load_checkpoint(directory, tag="learner")
+        from cispo.learner.ds_checkpoint import safe_engine_loads
+
+        with safe_engine_loads(self.engine):  # weights_only=True: a checkpoint file never runs code
+            _, client_state = self.engine.load_checkpoint(directory, tag="learner")
         return int((client_state or {}).get("version", 0))
 
     # The weight channel and the other ways weights leave (see RankWeights).

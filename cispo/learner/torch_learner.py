@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -25,7 +26,25 @@ from cispo.learner.common import (
 )
 from cispo.learner.micro_batches import token_budget_chunks
 
-__all__ = ["TorchLearner", "build_optimizer", "lr_lambda"]
+__all__ = ["TorchLearner", "build_optimizer", "lr_lambda", "unique_tensors"]
+
+WEIGHTS, OPTIMIZER = "model.safetensors", "optimizer.pt"
+
+
+def unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous CPU tensors, each storage once, in state_dict order: a tied head shares the input
+    embedding's tensor and safetensors refuses shared storage; loading re-ties it (the module's parameter
+    is shared), as from_pretrained does from the config."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, tensor in state_dict.items():
+        tensor = tensor.detach().cpu()
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer in seen:
+            continue
+        seen.add(pointer)
+        out[name] = tensor.contiguous()
+    return out
 
 
 @register_learner("torch")
@@ -64,6 +83,13 @@ class TorchLearner:
                 out[rows, : part.input_ids.shape[1]] = self._logprobs(part, with_entropy=False)[0]
         return out
 
+    def train_steps(
+        self, minibatches: list[TrainBatch], return_logprobs: Sequence[bool] | None = None
+    ) -> list[StepResult]:
+        """K optimizer steps, one per minibatch in order: the same updates as K train_step calls."""
+        flags = return_logprobs or [False] * len(minibatches)
+        return [self.train_step(batch, flag) for batch, flag in zip(minibatches, flags, strict=True)]
+
     def train_step(self, batch: TrainBatch, return_logprobs: bool = False) -> StepResult:
         """One optimizer step on one minibatch; the loss is normalised over the whole minibatch.
 
@@ -78,26 +104,32 @@ class TorchLearner:
         for rows in token_budget_chunks(batch, self.cfg.micro_batch_tokens):
             part = batch.select(rows)
             share = part.num_response_tokens() / tokens
+            # The backward inside the replay too: gradient checkpointing recomputes the forward there, and
+            # must route it the same way (else it saves other tensors and torch raises CheckpointError).
             with moe_context(self.model, part, self.cfg) as router_logits:
                 logprobs, entropy = self._logprobs(part, with_entropy=True)
-            loss, metrics = micro_batch_loss(
-                self.model,
-                logprobs,
-                entropy,
-                part,
-                weights[rows, : part.input_ids.shape[1]],
-                router_logits,
-                loss_fn=self.loss_fn,
-                cfg=self.cfg,
-                algorithm=self.algorithm,
-                token_share=share,
-            )
-            loss.backward()
+                loss, metrics = micro_batch_loss(
+                    self.model,
+                    logprobs,
+                    entropy,
+                    part,
+                    weights[rows, : part.input_ids.shape[1]],
+                    router_logits,
+                    loss_fn=self.loss_fn,
+                    cfg=self.cfg,
+                    algorithm=self.algorithm,
+                    token_share=share,
+                )
+                loss.backward()
             parts.add(metrics, loss, share)
             if seen_logprobs is not None:
                 seen_logprobs[rows, : part.input_ids.shape[1]] = logprobs.detach()
         grad_norm = float(
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip or float("inf"))
+            # foreach: one norm kernel per dtype instead of one per parameter (the per-tensor loop is
+            # torch's default off CUDA).
+            torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), self.cfg.grad_clip or float("inf"), foreach=True
+            )
         )
         lr = self.scheduler.get_last_lr()[0]
         # A non-finite loss or gradient norm would write NaN into the weights: skip the update instead
@@ -140,21 +172,40 @@ class TorchLearner:
         return {k: v.detach() for k, v in self.model.state_dict().items()}
 
     def save(self, directory: str) -> None:
+        """Weights as safetensors (`model.safetensors`, each shared tensor once); optimizer, scheduler and
+        version as plain tensors and values (`optimizer.pt`, read back with weights_only=True)."""
+        from safetensors.torch import save_file
+
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
+        save_file(unique_tensors(self.model.state_dict()), str(path / WEIGHTS), metadata={"format": "pt"})
         torch.save(
             {
-                "model": self.model.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "version": self.version,
             },
-            path / "learner.pt",
+            path / OPTIMIZER,
         )
 
     def load(self, directory: str) -> None:
-        state = torch.load(Path(directory) / "learner.pt", map_location="cpu", weights_only=False)
-        self.model.load_state_dict(state["model"])
+        from safetensors.torch import load_file
+
+        path = Path(directory)
+        if not (path / WEIGHTS).exists() and (path / "learner.pt").exists():
+            raise RuntimeError(
+                f"{path} is a checkpoint from before safetensors (learner.pt), which resume no longer "
+                "unpickles: `cispo-export` still reads it; train on from the export with model.name=<its dir>"
+            )
+        weights = load_file(str(path / WEIGHTS))
+        tied = set(self.model.state_dict()) - set(unique_tensors(self.model.state_dict()))
+        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if unexpected or set(missing) - tied:
+            raise RuntimeError(
+                f"{path / WEIGHTS} does not fit the policy: missing {sorted(set(missing) - tied)}, "
+                f"unexpected {sorted(unexpected)}"
+            )
+        state = torch.load(path / OPTIMIZER, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.version = int(state["version"])

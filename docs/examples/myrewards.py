@@ -5,8 +5,11 @@ Save a file like this next to where you launch, then:
     cispo-train 'reward.rewards=[{name: exact_match}, {name: myrewards:digit_credit, weight: 0.5}]'
 
 A reward is a function of one `rewards.RewardInput` (prompt, completion, reference, metadata) that returns
-a float in [0, 1] or a `rewards.RewardResult(score, reason)`; keyword arguments come from the config's
-`kwargs:`. It may also be named by file: `name: path/to/myrewards.py:digit_credit`.
+a float or a `rewards.RewardResult(score, reason)`, in [0, 1] unless it declares another range (a penalty:
+`@rewards.reward_range(-1, 1)`, or `low:`/`high:` in its config entry); keyword arguments come from the
+config's `kwargs:`. It may also be named by file: `name: path/to/myrewards.py:digit_credit`. Its metrics
+are `reward/digit_credit/...`. (Do not call such a file rewards.py: that name is ours; a plugin in one must
+be named by path, `./rewards.py:fn`.)
 """
 
 from rewards import RewardInput, RewardResult

@@ -139,5 +139,5 @@ def test_bad_dataset_row_names_the_row_and_field(tmp_path: Path):
         "logging.progress=false",
         timeout=300,
     )
-    assert out.returncode != 0
-    assert "row 5 has no usable 'answer' field" in out.stderr
+    assert out.returncode == 2  # a config error: one line, no traceback
+    assert f"'{data}' (jsonl, train split) line 6 has no usable 'answer' field" in out.stderr  # 1-based

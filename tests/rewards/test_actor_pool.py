@@ -48,6 +48,10 @@ def _first_time(inp: RewardInput, flag_key: str) -> bool:
     return True
 
 
+def half_penalty(inp: RewardInput) -> float:
+    return -0.5
+
+
 def by_index(inp: RewardInput) -> RewardResult:
     """Score i/100, and the reason says which sample, which process, and its thread setting."""
     i = _log(inp)
@@ -145,7 +149,7 @@ def test_order_and_identity_with_two_actors(tmp_path: Path) -> None:
         assert pool.score([]) == []
         metrics = pool.metrics()
         assert metrics["reward/samples"] == 20.0
-        assert metrics[f"reward/{HERE}:by_index/mean"] == pytest.approx(sum(range(20)) / 100 / 20)
+        assert metrics["reward/by_index/mean"] == pytest.approx(sum(range(20)) / 100 / 20)
 
 
 @slow
@@ -153,6 +157,9 @@ def test_same_results_and_metrics_as_the_in_driver_scorer() -> None:
     specs = [
         RewardSpec("exact_match", 1.0, {"extract": "none"}),
         RewardSpec(f"{HERE}:raise_on_bad", 0.5),
+        RewardSpec(
+            f"{HERE}:half_penalty", 1.0, low=-1.0, high=0.0
+        ),  # the configured range reaches the actors
     ]
     inputs = _inputs(11)
     inputs[4] = RewardInput("q", "BAD", reference="1", metadata={"i": 4})
@@ -166,6 +173,7 @@ def test_same_results_and_metrics_as_the_in_driver_scorer() -> None:
     assert got_metrics.pop("reward/actor_restarts") == got_metrics.pop("reward/actor_timeouts") == 0.0
     assert got_metrics == pytest.approx(want_metrics) and set(got_metrics) == set(want_metrics)
     assert want_metrics["reward/errors"] == 1.0 and want_metrics["reward/samples"] == 11.0
+    assert want_metrics["reward/half_penalty/mean"] == -0.5
 
 
 @slow

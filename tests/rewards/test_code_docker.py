@@ -15,6 +15,7 @@ from rewards import RewardInput, get_reward
 from rewards.code import check, check_io
 from sandboxes import Sandbox, SandboxError, get_sandbox
 from tests.rewards.test_code import CHEATS, GOOD, MISBEHAVIOURS, TESTS, _host_listener
+from tests.rewards.test_code_fidelity import STYLES, Style, _completion
 from tests.sandboxes.conftest import TEST_LABEL, containers_left
 
 
@@ -77,3 +78,18 @@ def test_misbehaving_programs_score_zero_and_scorer_survives(
         server.close()
     assert r.score == 0.0 and r.reason, r
     assert not os.path.exists("/usr/owned")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style", STYLES, ids=[s.name for s in STYLES])
+def test_fidelity_table_on_docker(style: Style, box: Sandbox) -> None:
+    """The image's interpreter has launch/sandbox-requirements.txt (launch/docker_engine.sh copies them)."""
+    for module in style.needs:
+        probe = check(
+            f"```python\nimport {module}\ndef ok():\n    return 1\n```", "assert ok() == 1\n", sandbox=box
+        )
+        assert probe.score == 1.0, (
+            f"the Docker image lacks {module}: rerun launch/docker_engine.sh ({probe.reason})"
+        )
+    assert check(_completion(style.correct), style.tests, sandbox=box, timeout_s=20.0).score == 1.0
+    assert check(_completion(style.wrong), style.tests, sandbox=box, timeout_s=20.0).score == 0.0

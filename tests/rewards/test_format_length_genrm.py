@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from rewards import RewardInput, get_reward
-from rewards.genrm import GenerativeRewardModel
+from rewards import RewardInput, RewardResult, RewardScorer, RewardSpec, get_reward
+from rewards.genrm import GenerativeRewardModel, JudgeParseError
 from rewards.length import overlong_penalty
 
 
@@ -50,7 +50,7 @@ def judge(prompts: list[str]) -> list[str]:
     return ["Reasoning is fine.\nScore: 8" if "\\boxed{4}" in p else "I refuse to grade." for p in prompts]
 
 
-def test_genrm_scores_and_unparsable_is_zero_with_reason() -> None:
+def test_genrm_scores_and_unparsable_is_an_error_not_zero() -> None:
     seen: list[list[str]] = []
 
     def generate(prompts: list[str]) -> list[str]:
@@ -59,18 +59,61 @@ def test_genrm_scores_and_unparsable_is_zero_with_reason() -> None:
 
     model = GenerativeRewardModel(generate)
     out = model.score_batch([RewardInput("2+2?", "\\boxed{4}", "4"), RewardInput("2+2?", "five", "4")])
-    assert out[0].score == 0.8 and out[1].score == 0.0 and "unparsable" in out[1].reason
+    assert isinstance(out[0], RewardResult) and out[0].score == 0.8
+    assert isinstance(out[1], JudgeParseError) and "I refuse to grade." in str(out[1])
     assert len(seen) == 1 and "2+2?" in seen[0][0] and "Reference answer" in seen[0][0]
+    with pytest.raises(JudgeParseError, match="no 'Score: N'"):
+        model(RewardInput("2+2?", "five", "4"))
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("Score: 10", 1.0), ("[[3]]", 0.3), ("<score>5</score>", 0.5), ("score = 2/4", 0.5), ("Score: 11", 0.0)],
-)
+    [("Score: 10", 1.0), ("[[3]]", 0.3), ("<score>5</score>", 0.5), ("score = 2/4", 0.5),
+     ("Score: 2 at first... Score: 9", 0.9), ("SCORE:7/10", 0.7)],
+)  # fmt: skip
 def test_genrm_parse_forms(text: str, expected: float) -> None:
     assert GenerativeRewardModel(judge).parse(text).score == expected
+
+
+@pytest.mark.parametrize("text", ["Score: 11", "Score: -1", "Score: 3/0", "", "seven out of ten"])
+def test_genrm_parse_rejects(text: str) -> None:
+    with pytest.raises(JudgeParseError):
+        GenerativeRewardModel(judge).parse(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("YES", 1.0), ("No, because 5 is wrong. Yes?", 0.0), (" yes.", 1.0)]
+)
+def test_genrm_yes_no_parser(text: str, expected: float) -> None:
+    model = GenerativeRewardModel(judge, parser="yes_no")
+    assert model.parse(text).score == expected and "YES or NO" in model.judge_prompt(RewardInput("q", "a"))
+    with pytest.raises(JudgeParseError, match="no YES/NO"):
+        model.parse("Maybe. Eyes open, nothing known.")
+    with pytest.raises(ValueError, match="unknown parser 'stars'"):
+        GenerativeRewardModel(judge, parser="stars")
 
 
 def test_genrm_registered_with_dotted_generate() -> None:
     reward = get_reward("genrm", generate=f"{__name__}:judge")
     assert reward(RewardInput("q", "\\boxed{4}")).score == 0.8
+    with pytest.raises(JudgeParseError):
+        reward(RewardInput("q", "no box"))
+
+
+def test_genrm_scorer_calls_score_batch_once_per_batch() -> None:
+    """The scorer hands the generative judge the whole batch in one generate call."""
+    before = len(CALLS)
+    spec = RewardSpec("genrm", 1.0, {"generate": f"{__name__}:counting_judge"})
+    with RewardScorer([spec], isolation="thread", max_workers=2) as scorer:
+        out = scorer.score([RewardInput("q", c) for c in ("\\boxed{4}", "x", "\\boxed{4}", "y", "z")])
+        metrics = scorer.metrics()
+    assert [len(c) for c in CALLS[before:]] == [5]
+    assert [r.score for r in out] == [0.8, 0.0, 0.8, 0.0, 0.0] and metrics["reward/genrm/errors"] == 3.0
+
+
+CALLS: list[list[str]] = []
+
+
+def counting_judge(prompts: list[str]) -> list[str]:
+    CALLS.append(list(prompts))
+    return judge(prompts)

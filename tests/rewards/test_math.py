@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import inspect
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -60,9 +59,9 @@ def test_no_answer_reason() -> None:
     ids=["2MB-text", "unclosed-boxes", "huge-box", "braces", "nested-frac"],
 )
 def test_pathological_input_is_zero_and_fast(completion: str) -> None:
-    start = time.monotonic()
+    # "Fast" without a clock: a check past its CPU budget (rewards.math.CPU_LIMIT_S) raises RewardTimeout,
+    # so an input that blew the extraction up would fail here however busy the machine is.
     assert score(completion, "1") == 0.0
-    assert time.monotonic() - start < 1.0
 
 
 def test_megabyte_prefix_then_answer() -> None:
@@ -262,7 +261,5 @@ def test_strict_format_from_config() -> None:
     ],
 )
 def test_pathological_input_is_fast_without_strict_format(completion: str) -> None:
-    start = time.monotonic()
-    score(completion, "2")
+    score(completion, "2")  # no RewardTimeout: each check stays within its CPU budget
     score(completion, "2", strict_format=False)
-    assert time.monotonic() - start < 2.0

@@ -4,7 +4,15 @@ import time
 
 import pytest
 
-from rewards import RewardError, RewardInput, RewardResult, RewardScorer, RewardSpec
+from rewards import (
+    RewardError,
+    RewardInput,
+    RewardResult,
+    RewardScorer,
+    RewardSpec,
+    RewardTimeout,
+    reward_range,
+)
 
 
 def slow_on_marker(inp: RewardInput) -> float:
@@ -17,6 +25,26 @@ def raises_on_marker(inp: RewardInput) -> RewardResult:
     if "BOOM" in inp.completion:
         raise KeyError("boom")
     return RewardResult(0.5, "half")
+
+
+def always_slow(inp: RewardInput) -> float:
+    time.sleep(60)
+    return 1.0
+
+
+def out_of_time_on_marker(inp: RewardInput) -> float:
+    if "LONG" in inp.completion:
+        raise RewardTimeout("used up its CPU budget")
+    return 1.0
+
+
+@reward_range(-1.0, 1.0)
+def signed(inp: RewardInput) -> float:
+    return -1.0 if "bad" in inp.completion else 1.0
+
+
+def unsigned_penalty(inp: RewardInput) -> float:
+    return -0.25
 
 
 def _inputs(*completions: str) -> list[RewardInput]:
@@ -39,18 +67,19 @@ def test_errors_become_zero_and_are_counted() -> None:
     assert [r.score for r in out] == [0.5, 0.0, 0.5]
     assert "error KeyError" in out[1].reason
     metrics = scorer.metrics()
-    assert metrics["reward/errors"] == 1.0 and metrics[f"reward/{__name__}:raises_on_marker/errors"] == 1.0
+    assert metrics["reward/errors"] == 1.0 and metrics["reward/raises_on_marker/errors"] == 1.0
+    assert not [k for k in metrics if __name__ in k]  # metric keys use the plugin's short name
     assert scorer.metrics()["reward/errors"] == 0.0  # counts reset on each call
 
 
 def test_timeout_gives_zero_without_losing_other_samples() -> None:
     scorer = RewardScorer([RewardSpec(f"{__name__}:slow_on_marker")], timeout_s=0.5, max_workers=2)
-    start = time.monotonic()
+    before = set(scorer.worker_pids())
     out = scorer.score(_inputs("SLOW", "SLOW", "fast", "SLOW", "fast"))
-    elapsed = time.monotonic() - start
     assert [r.score for r in out] == [0.0, 0.0, 1.0, 0.0, 1.0]
     assert "timeout" in out[0].reason
-    assert elapsed < 3.0  # stuck workers are replaced, not waited for
+    # Stuck workers are killed and replaced, not waited for (no wall-clock assert: see issue #27).
+    assert len(set(scorer.worker_pids()) - before) >= 2
     assert scorer.metrics()["reward/timeouts"] == 3.0
     assert [r.score for r in scorer.score(_inputs("fast"))] == [1.0]  # the pool still works
 
@@ -108,3 +137,43 @@ def test_stop_error_fraction_is_the_threshold() -> None:
 def test_max_workers_below_one_is_refused() -> None:
     with pytest.raises(ValueError, match="max_workers must be >= 1"):
         RewardScorer([RewardSpec("math")], max_workers=0)
+
+
+def test_timeouts_count_toward_the_stop_rule() -> None:
+    """A reward that always times out used to give zeros and exit 0 (issue #27): it stops the run now."""
+    with RewardScorer([RewardSpec(f"{__name__}:always_slow")], timeout_s=0.3) as scorer:
+        with pytest.raises(RewardError, match=r"always_slow' failed on 2 of 2 samples \(2 timed out") as err:
+            scorer.score(_inputs("a", "b"))
+    assert "timed out after 0.3s (reward.timeout_s)" in str(err.value)
+    mixed = RewardScorer([RewardSpec(f"{__name__}:slow_on_marker")], timeout_s=0.3, stop_error_fraction=0.5)
+    with mixed, pytest.raises(RewardError, match="failed on 1 of 2 samples"):
+        mixed.score(_inputs("SLOW", "fast"))
+
+
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+def test_a_reward_reporting_its_own_timeout_is_counted_as_a_timeout(isolation: str) -> None:
+    with RewardScorer([RewardSpec(f"{__name__}:out_of_time_on_marker")], isolation=isolation) as scorer:
+        out = scorer.score(_inputs("LONG", "ok", "ok"))
+        assert [r.score for r in out] == [0.0, 1.0, 1.0]
+        assert out[0].reason == "out_of_time_on_marker: timeout (used up its CPU budget)"
+        metrics = scorer.metrics()
+        assert metrics["reward/timeouts"] == 1.0 and metrics["reward/errors"] == 0.0
+        assert metrics["reward/out_of_time_on_marker/timeouts"] == 1.0
+    strict = RewardScorer([RewardSpec(f"{__name__}:out_of_time_on_marker")], strict=True, isolation=isolation)
+    with strict, pytest.raises(RewardError, match=r"timed out \(used up its CPU budget\) on sample 0"):
+        strict.score(_inputs("LONG"))
+
+
+def test_penalties_in_a_declared_or_configured_range_score_in_the_workers() -> None:
+    specs = [
+        RewardSpec(f"{__name__}:signed"),
+        RewardSpec(f"{__name__}:unsigned_penalty", 2.0, low=-1.0, high=0.0),
+    ]
+    with RewardScorer(specs) as scorer:
+        out = scorer.score(_inputs("bad", "good"))
+        assert [r.score for r in out] == [-1.5, 0.5]
+        metrics = scorer.metrics()
+        assert metrics["reward/signed/mean"] == 0.0 and metrics["reward/unsigned_penalty/mean"] == -0.25
+    with RewardScorer([RewardSpec(f"{__name__}:unsigned_penalty")]) as undeclared:
+        with pytest.raises(RewardError, match=r"unsigned_penalty' returned -0.25 outside \[0.0, 1.0\]"):
+            undeclared.score(_inputs("a"))

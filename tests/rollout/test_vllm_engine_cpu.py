@@ -192,9 +192,17 @@ SMALL_MOE = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "head_
     ],
 )
 def test_checkpoint_names_match_what_save_pretrained_writes(family, overrides, tmp_path):
-    """What load_weights gets after a sync == what vLLM read from the checkpoint at start."""
+    """What load_weights gets after a sync == what vLLM read from the checkpoint at start (the directory
+    the engine is given: for MiniMax, engine_dir's layout without the derived lightning buffers)."""
+    from safetensors.torch import load_file
+
+    from cispo.models.loading import engine_dir
+
     model = tiny_lm(family, **overrides)
-    on_disk = _saved(model, tmp_path)
+    _saved(model, tmp_path / "saved")
+    on_disk = {}
+    for shard in sorted(engine_dir(tmp_path / "saved", cache=tmp_path / "cache").glob("*.safetensors")):
+        on_disk.update(load_file(str(shard)))
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     model_type = model.config.model_type
     mapped = dict(ve.checkpoint_names(model.state_dict().items(), tied=tied, model_type=model_type))

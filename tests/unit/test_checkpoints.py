@@ -30,9 +30,10 @@ def learner():
 def test_complete_is_a_manifest_of_sizes_and_checksums(tmp_path: Path, learner):
     directory = save_checkpoint(tmp_path, 1, learner, {"x": 1}, keep=2)
     manifest = json.loads((directory / "COMPLETE").read_text())
-    assert manifest["step"] == 1 and set(manifest["files"]) == {"learner.pt", "trainer_state.pt"}
-    assert manifest["files"]["learner.pt"]["size"] == (directory / "learner.pt").stat().st_size
-    assert len(manifest["files"]["learner.pt"]["sha256"]) == 64
+    files = {"model.safetensors", "optimizer.pt", "trainer_state.pt"}
+    assert manifest["step"] == 1 and set(manifest["files"]) == files
+    assert manifest["files"]["model.safetensors"]["size"] == (directory / "model.safetensors").stat().st_size
+    assert len(manifest["files"]["model.safetensors"]["sha256"]) == 64
     assert verify_checkpoint(directory) is None
     assert not list(tmp_path.glob("checkpoints/*.partial"))
 
@@ -40,12 +41,12 @@ def test_complete_is_a_manifest_of_sizes_and_checksums(tmp_path: Path, learner):
 def test_resume_falls_back_past_a_truncated_file_naming_it(tmp_path: Path, learner, capsys):
     older = save_checkpoint(tmp_path, 1, learner, {}, keep=3)
     newer = save_checkpoint(tmp_path, 2, learner, {}, keep=3)
-    with (newer / "learner.pt").open("r+b") as f:  # a COMPLETE checkpoint whose file was cut short
+    with (newer / "model.safetensors").open("r+b") as f:  # a COMPLETE checkpoint whose file was cut short
         f.truncate(100)
     assert find_resume_point(tmp_path, "auto") == older
     assert "skipping checkpoint step_0000002" in capsys.readouterr().err
-    assert "learner.pt has 100 bytes" in verify_checkpoint(newer)
-    with pytest.raises(ValueError, match="config error at resume: .*learner.pt has 100 bytes"):
+    assert "model.safetensors has 100 bytes" in verify_checkpoint(newer)
+    with pytest.raises(ValueError, match="config error at resume: .*model.safetensors has 100 bytes"):
         find_resume_point(tmp_path, str(newer))
     (older / "trainer_state.pt").write_bytes(b"flipped")
     assert find_resume_point(tmp_path, "auto") is None

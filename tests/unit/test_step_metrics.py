@@ -40,6 +40,9 @@ class ScriptedLearner:
         logprobs = batch.old_logprobs.clone() if return_logprobs else None
         return StepResult(self.per_step.pop(0), logprobs)
 
+    def train_steps(self, minibatches: list[TrainBatch], return_logprobs: list[bool]) -> list[StepResult]:
+        return [self.train_step(batch, flag) for batch, flag in zip(minibatches, return_logprobs)]
+
 
 def _scripted_update(loss: str) -> dict[str, float]:
     per_step = [

@@ -1,6 +1,9 @@
 """Where a run's words and numbers go: cli.log and plain progress lines off a terminal, W&B settings from
 the standard WANDB_* variables and the logging config."""
 
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -35,6 +38,11 @@ def test_wandb_init_takes_project_entity_dir_from_env_and_group_tags_name_from_c
     seen = {}
 
     class FakeRun:
+        summary: dict = {}
+
+        def define_metric(self, *args, **kwargs):
+            pass
+
         def log(self, *args, **kwargs):
             pass
 
@@ -54,6 +62,7 @@ def test_wandb_init_takes_project_entity_dir_from_env_and_group_tags_name_from_c
     cfg = LoggingConfig(wandb="offline", project="mine", run_name="named", progress=False)
     Tracker(cfg, tmp_path / "run2", "addition", {}, total_steps=2).close()
     assert seen["project"] == "mine" and seen["name"] == "named"
+    assert seen["group"] == "named"  # no group configured: the run's own name groups its W&B runs
 
 
 def test_plain_progress_lines_every_log_every_steps_to_stdout_and_cli_log(tmp_path, capsys):
@@ -69,3 +78,49 @@ def test_plain_progress_lines_every_log_every_steps_to_stdout_and_cli_log(tmp_pa
     log = (tmp_path / "cli.log").read_text()
     assert "warm start: loaded from cache" in log and "step 4: reward 0.400" in log
     assert not (tmp_path / "wandb").exists()
+
+
+class _Healthz(BaseHTTPRequestHandler):
+    paths: list[str] = []
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        type(self).paths.append(self.path)
+        self.send_response(404)  # any answer means the server is there
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_auto_mode_probes_the_server_of_wandb_base_url(monkeypatch, tmp_path):
+    """A self-hosted server: `auto` goes online when WANDB_BASE_URL's server answers (the probe reaches
+    it, not api.wandb.ai), offline when nothing listens there."""
+    for key in ("WANDB_MODE", "WANDB_DISABLED"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "local-0123456789")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path))
+    for key in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(key, raising=False)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Healthz)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}/")
+        assert tracking.wandb_base_url() == f"http://127.0.0.1:{server.server_address[1]}"
+        assert resolve_wandb_mode("auto") == "online"
+        assert _Healthz.paths == ["/healthz"]
+    finally:
+        server.shutdown()
+        server.server_close()
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
+    assert resolve_wandb_mode("auto") == "offline"
+
+
+def test_wandb_login_host_is_the_server_when_the_variable_is_unset(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_BASE_URL", raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path))
+    assert tracking.wandb_base_url() == "https://api.wandb.ai"
+    (tmp_path / "settings").write_text("[default]\nbase_url = https://wandb.example.org/\n")
+    assert tracking.wandb_base_url() == "https://wandb.example.org"

@@ -87,10 +87,11 @@ def test_only_a_deterministic_stop_below_target_is_cached(tmp_path, stop):
     result = supervised_warmstart(
         model, tokenizer, rows, lambda m: 0.0, model_cfg, data_cfg, 0, log=lambda s: None
     )
-    entry = tmp_path / cache_key(model_cfg, data_cfg, 0)
+    entries = list(tmp_path.iterdir())
     if stop == "max_steps":
-        assert result["steps"] == 3 and entry.is_dir()
+        assert result["steps"] == 3 and len(entries) == 1 and entries[0].is_dir()
         assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+        torch.manual_seed(0)  # the same initial weights: they are part of the key
         again = _TinyLM(len(tokenizer))
         cached = supervised_warmstart(
             again, tokenizer, rows, lambda m: 0.0, model_cfg, data_cfg, 0, log=print
@@ -98,4 +99,35 @@ def test_only_a_deterministic_stop_below_target_is_cached(tmp_path, stop):
         assert cached["cached"] == 1.0
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
     else:
-        assert result["steps"] == 0 and not entry.exists()
+        assert result["steps"] == 0 and entries == []
+
+
+def _cached_start(tmp_path, rows, eval_rows=(), data_cfg=None, seed=0) -> float:
+    """Runs a 2-step warm start of a seed-0 model and says whether it came from the cache."""
+    tokenizer = load_tokenizer("builtin:char")
+    warm = WarmstartConfig(
+        target_accuracy=1.0, max_steps=2, batch_size=2, eval_every=1, cache_dir=str(tmp_path)
+    )
+    torch.manual_seed(seed)
+    model = _TinyLM(len(tokenizer))
+    result = supervised_warmstart(
+        model, tokenizer, rows, lambda m: 0.0, ModelConfig(warmstart=warm), data_cfg or DataConfig(), 0,
+        log=lambda s: None, eval_rows=eval_rows,
+    )  # fmt: skip
+    return result["cached"]
+
+
+def test_the_cache_key_follows_the_contents_not_the_file_name(tmp_path):
+    """An edited row, an added row, other held-out rows, other row counts or other initial weights never
+    reuse a warm start trained on the old ones; the same inputs do."""
+    rows = [{"prompt": "1+2=", "answer": "3"}, {"prompt": "2+2=", "answer": "4"}]
+    held_out = [{"prompt": "3+3=", "answer": "6"}]
+    assert _cached_start(tmp_path, rows, held_out) == 0.0
+    assert _cached_start(tmp_path, rows, held_out) == 1.0
+    edited = [rows[0], {"prompt": "2+2=", "answer": "5"}]
+    assert _cached_start(tmp_path, edited, held_out) == 0.0
+    assert _cached_start(tmp_path, [*rows, rows[0]], held_out) == 0.0
+    assert _cached_start(tmp_path, rows, [{"prompt": "3+3=", "answer": "7"}]) == 0.0
+    assert _cached_start(tmp_path, rows, held_out, DataConfig(num_train=7)) == 0.0
+    assert _cached_start(tmp_path, rows, held_out, seed=1) == 0.0  # other initial weights
+    assert _cached_start(tmp_path, rows, held_out) == 1.0
