@@ -115,4 +115,12 @@ def honour_partial_rotary(model: torch.nn.Module) -> torch.nn.Module:
             if inv_freq.shape != sub.inv_freq.shape:
                 sub.inv_freq = inv_freq
                 sub.original_inv_freq = inv_freq.clone()
+            if _ensure_installed not in sub._forward_pre_hooks.values():
+                sub.register_forward_pre_hook(_ensure_installed)
     return model
+
+
+def _ensure_installed(_module: torch.nn.Module, _args: Any) -> None:
+    """A pre-hook on each rotary embedding: a model pickled to another process (a Ray learner rank, an
+    engine) brings it along by reference, so that process patches its transformers before attention runs."""
+    install()

@@ -171,3 +171,26 @@ def test_a_bf16_cast_does_not_round_the_rotary_frequencies():
     assert rotary.inv_freq.dtype == torch.float32 and torch.equal(rotary.inv_freq, exact)
     expected = torch.cat([torch.outer(torch.arange(400, 404).float(), exact)] * 2, dim=-1).cos()
     assert torch.equal(cos[0], expected.to(torch.bfloat16))
+
+
+def test_a_pickled_model_patches_the_process_that_unpickles_it(tmp_path):
+    """A learner rank gets the driver's module by pickle; its own transformers is unpatched until the
+    model's first forward, which must then rotate half the head (not fail on the half-size inv_freq)."""
+    import pickle
+    import subprocess
+    import sys
+
+    model = _minimax(0.5)
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    with torch.no_grad():
+        expected = model(ids).logits
+    (tmp_path / "model.pkl").write_bytes(pickle.dumps(model))
+    torch.save(ids, tmp_path / "ids.pt")
+    code = (
+        "import pickle, sys, torch; m = pickle.loads(open(sys.argv[1], 'rb').read()); "
+        "torch.save(m(torch.load(sys.argv[2])).logits.detach(), sys.argv[3])"
+    )
+    args = [str(tmp_path / "model.pkl"), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")]
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "out.pt"), expected, atol=1e-6, rtol=0)
