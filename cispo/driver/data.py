@@ -70,15 +70,16 @@ def resolve_data_file(path: str, key: str) -> Path:
     raise ValueError(f"config error at {key}: no file {str(given)!r} (working directory {str(Path.cwd())!r})")
 
 
-def jsonl_lines(path: Path) -> list[int]:
-    """The 1-based line numbers of a JSONL file's rows (its non-blank lines), after checking each line is
-    UTF-8 and one JSON object: a bad line fails here in one line naming the file and the line, not deep
-    inside the `datasets` JSON builder (whose errors name neither)."""
+def jsonl_rows(path: Path, key: str = "data.path") -> list[tuple[int, dict[str, Any]]]:
+    """(1-based line number, object) for each row (non-blank line) of a JSONL file (optionally gzip),
+    after checking each line is UTF-8 and one JSON object: a bad line fails here in one line naming the
+    config key, the file and the line, not deep inside the `datasets` JSON builder (whose errors name
+    neither)."""
     opener = gzip.open if path.suffix == ".gz" else open
-    lines = []
+    rows = []
     with opener(path, "rb") as handle:
         for number, raw in enumerate(handle, start=1):
-            where = f"config error at data.path: {str(path)!r} line {number}"
+            where = f"config error at {key}: {str(path)!r} line {number}"
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -94,8 +95,13 @@ def jsonl_lines(path: Path) -> list[int]:
                 raise ValueError(f"{where}: not valid JSON ({err.msg} at column {err.pos + 1})") from None
             if not isinstance(row, dict):
                 raise ValueError(f"{where}: a JSON object per line, got a {type(row).__name__}")
-            lines.append(number)
-    return lines
+            rows.append((number, row))
+    return rows
+
+
+def jsonl_lines(path: Path) -> list[int]:
+    """The 1-based line numbers of a JSONL file's rows, each checked by :func:`jsonl_rows`."""
+    return [number for number, _ in jsonl_rows(path)]
 
 
 def _json_kind(value: Any) -> str | None:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from cispo.core.config import DataConfig, ModelConfig, TrainConfig
-from cispo.driver.data import encode_prompt, resolve_data_file
+from cispo.driver.data import encode_prompt, jsonl_rows, resolve_data_file
 
 
 def content_digest(
@@ -217,21 +217,14 @@ def warm_start_stage(
 def warm_start_rows(path: str, data_cfg: DataConfig) -> list[dict[str, str]]:
     """The rows of model.warmstart.data_path (JSONL, optionally gzip-compressed): every line a
     {prompt, answer} object (the data config's prompt_key / answer_key), checked line by line."""
-    import gzip
-
     file = resolve_data_file(path, "model.warmstart.data_path")
-    opener = gzip.open if file.suffix == ".gz" else open
     rows = []
-    with opener(file, "rt") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                prompt, answer = row[data_cfg.prompt_key], row[data_cfg.answer_key]
-                rows.append({"prompt": str(prompt), "answer": str(answer)})
-            except (ValueError, KeyError, TypeError) as err:
-                raise ValueError(f"model.warmstart.data_path {str(file)!r} line {number}: {err!r}") from err
+    for number, row in jsonl_rows(file, "model.warmstart.data_path"):
+        missing = [key for key in (data_cfg.prompt_key, data_cfg.answer_key) if key not in row]
+        if missing:
+            where = f"config error at model.warmstart.data_path: {str(file)!r} line {number}"
+            raise ValueError(f"{where}: no {missing[0]!r} field")
+        rows.append({"prompt": str(row[data_cfg.prompt_key]), "answer": str(row[data_cfg.answer_key])})
     if not rows:
         raise ValueError(f"config error at model.warmstart.data_path: {str(file)!r} has no rows")
     return rows

@@ -47,8 +47,12 @@ def test_rows_from_a_file_plain_or_gzip(tmp_path):
 
 def test_bad_rows_name_the_file_and_line(tmp_path):
     bad = _write(tmp_path / "bad.jsonl", [json.dumps({"prompt": "1+2=", "answer": "3"}), '{"prompt": "x"}'])
-    with pytest.raises(ValueError, match=r"bad.jsonl' line 2: KeyError\('answer'\)"):
+    with pytest.raises(ValueError, match=r"warmstart.data_path: '.*bad.jsonl' line 2: no 'answer' field"):
         warm_start_rows(str(bad), DataConfig())
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(json.dumps({"prompt": "1+2=", "answer": "3"}).encode() + b'\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(ValueError, match=r"latin.jsonl' line 2: not UTF-8 \(byte 0xe9"):
+        warm_start_rows(str(latin), DataConfig())
     with pytest.raises(ValueError, match="data_path: no file"):
         warm_start_rows(str(tmp_path / "missing.jsonl"), DataConfig())
     with pytest.raises(ValueError, match="has no rows"):
