@@ -160,13 +160,18 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / MARKER).exists())
 
 
-def read_manifest(directory: Path) -> dict[str, Any] | None:
-    """The checkpoint's manifest, or None when it is missing, empty or unreadable."""
+def _json_object(path: Path) -> dict[str, Any] | None:
+    """The JSON object in `path`, or None when the file is missing, empty, unreadable or not an object."""
     try:
-        manifest = json.loads((directory / MARKER).read_text())
+        value = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return manifest if isinstance(manifest, dict) else None
+    return value if isinstance(value, dict) else None
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    """The checkpoint's manifest, or None when it is missing, empty or unreadable."""
+    return _json_object(directory / MARKER)
 
 
 def verify_checkpoint(directory: Path) -> str | None:
@@ -237,11 +242,7 @@ def load_checkpoint(directory: Path, learner: Any) -> dict[str, Any]:
 
 
 def read_hf_marker(hf_dir: Path) -> dict[str, Any] | None:
-    try:
-        marker = json.loads((hf_dir / HF_MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return marker if isinstance(marker, dict) else None
+    return _json_object(hf_dir / HF_MARKER)
 
 
 def write_hf_marker(hf_dir: Path, step: int, run_id: str) -> None:
