@@ -1,28 +1,26 @@
 """Reward scoring on a pool of Ray actors: N actors, each with its own RewardScorer (its own reward worker
 processes, and so, for code rewards, its own sandboxes), scoring chunks of a batch concurrently.
 
-``RewardActorPool`` has the RewardScorer interface the rollout stage uses (``score``, ``metrics``,
-``close``) and reports the same metric keys with the same values: each actor returns its chunk's raw
-counters and the driver adds them up, so the per-reward means are over the whole call, and
-``reward.stop_error_fraction`` is applied to the whole call, not per chunk. ``submit(inputs)`` /
-``result(handle)`` split ``score`` in two, so scoring can run while the caller does something else.
+One ``RewardActorPool`` owns the actors; its *views* (``pool.view("train")``, ``pool.view("eval")``) share
+them and keep their own counters, and each is a :class:`~rewards.scorer.Scorer` (``submit``, ``result``,
+``score``, ``metrics``, ``close``), reporting the in-driver scorer's metric keys with the same values: each
+actor returns its chunk's raw counters and the view adds them up when the result is taken, so the per-reward
+means are over the whole call, and ``reward.stop_error_fraction`` is applied to the whole call, not per
+chunk. The pool itself scores as its ``train`` view. Closing the pool, or every view it handed out, stops the
+actors.
 
-A chunk is on at most one actor at a time, and its result is taken exactly once. Every wait is bounded: a
-chunk gets ``grace_s + timeout_s * ceil(tasks / max_workers)`` (the scorer's own per-sample timeout bounds
-each task; ``grace_s`` covers replacing reward workers and the Ray round trip), a fresh actor
+The actors are the slots of a :class:`~cispo.core.supervisor.Supervisor` (``RayTransport``): a chunk is on at
+most one actor at a time, and its result is taken exactly once. A chunk must be scored within ``grace_s +
+timeout_s * ceil(tasks / max_workers)`` (the scorer's own per-sample timeout bounds each task; ``grace_s``
+covers replacing reward workers and the Ray round trip), a fresh actor must answer within
 ``start_timeout_s``. An actor that dies (ray.kill, a segfault, ``os._exit`` in a thread-isolated reward) or
-misses its deadline (frozen) is killed, replaced, and its chunk scored again from the start. The restart
-budget is per slot and per sliding window, as for rollout workers (rollout/manager.py): a slot may restart
-``max_restarts`` times within ``restart_window_s`` seconds (0: within the pool's life); one more stops the
-run with a RuntimeError naming the actor.
-
-Pools built with ``RewardActorPool.shared`` and the same settings share one set of actors (the driver's
-training and evaluation scorers), each with its own counters; the actors go with the last one closed.
+misses its deadline (frozen) is killed and replaced, and its chunk scored again from the start. The restart
+budget is the supervisor's: ``max_restarts`` per slot within ``restart_window_s`` seconds (0: within the
+pool's life); one more stops the run with a RuntimeError naming the actor's slot.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import threading
@@ -32,12 +30,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cispo.core.registry import callable_from
+from cispo.core.supervisor import Outcome, RayTransport, SlotPolicy, Supervisor
 from rewards.base import RewardError, RewardInput, RewardResult
 from rewards.registry import REWARDS, load_reward, register_reward
-from rewards.scorer import RewardScorer, RewardSpec, failure
+from rewards.scorer import RewardScorer, RewardSpec, ScoreHandle, counter_metrics, failure
 from rewards.workers import WorkerSpec, worker_spec
 
-log = logging.getLogger(__name__)
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 
@@ -46,7 +44,7 @@ THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NU
 
 class _ChunkScorer(RewardScorer):
     """Scores one chunk and never stops the run itself: it reports the samples whose reward raised or
-    timed out, and the pool applies stop_error_fraction over the whole call."""
+    timed out, and the view applies stop_error_fraction over the whole call."""
 
     failed: list[int]
     first_failure: tuple[str, int, str, str, str] | None = None
@@ -58,12 +56,6 @@ class _ChunkScorer(RewardScorer):
         if first is not None:
             name, inp, trace = self.specs[first.spec].name, first.inp, failure(first, self.timeout_s)
             self.first_failure = (name, first.index, inp.prompt[:200], inp.completion[:200], trace)
-
-    def take_counters(self) -> tuple[dict[str, int], dict[str, float]]:
-        counts, sums = dict(self._counts), dict(self._sums)
-        self._counts.clear()
-        self._sums.clear()
-        return counts, sums
 
 
 @dataclass
@@ -79,7 +71,7 @@ class ChunkOutcome:
 
 
 class RewardActor:
-    """One Ray actor: a RewardScorer of its own. Plain Python, wrapped with ray.remote by the pool."""
+    """One Ray actor: a RewardScorer of its own. Plain Python, wrapped with ray.remote by the transport."""
 
     def __init__(self, specs: list[WorkerSpec], weights: list[float], options: dict[str, Any]) -> None:
         for s in specs:  # a name the driver registered from a module: the same function, found by its path
@@ -92,9 +84,11 @@ class RewardActor:
         return os.getpid()
 
     def score(self, inputs: list[RewardInput]) -> ChunkOutcome:
-        results = self.scorer.score(inputs)
-        counts, sums = self.scorer.take_counters()
-        return ChunkOutcome(results, counts, sums, self.scorer.failed, self.scorer.first_failure, os.getpid())
+        scored = self.scorer.score_batch(inputs)
+        s = self.scorer
+        return ChunkOutcome(
+            scored.results, dict(scored.counts), dict(scored.sums), s.failed, s.first_failure, os.getpid()
+        )
 
     def close(self) -> None:
         self.scorer.close()
@@ -105,235 +99,92 @@ class RewardActor:
 
 @dataclass(eq=False)
 class _Chunk:
-    handle: ScoreHandle
+    handle: PoolHandle
     start: int  # the call's index of the chunk's first sample
     inputs: list[RewardInput]
     outcome: ChunkOutcome | None = None
 
 
 @dataclass(eq=False)
-class ScoreHandle:
-    """What ``submit`` returns: ``result(handle)`` gives the scores, once."""
+class PoolHandle(ScoreHandle):
+    """What a view's ``submit`` returns: ``result(handle)`` gives the scores, once."""
 
-    owner: RewardActorPool
+    view: PoolView
     size: int
     chunks: list[_Chunk] = field(default_factory=list)
     error: BaseException | None = None
-    taken: bool = False
+    events: Counter[str] = field(default_factory=Counter)  # actor restarts and timeouts on its chunks
 
     @property
     def done(self) -> bool:
         return self.error is not None or all(c.outcome is not None for c in self.chunks)
 
 
-@dataclass(eq=False)
-class _Running:
-    ref: Any
-    chunk: _Chunk
-    deadline: float
-    allowance: float
+def _ready_remote(actor: Any) -> Any:
+    return actor.ready.remote()
 
 
-@dataclass
-class ActorSettings:
-    """Everything that makes a set of actors; its repr is the key under which pools share one."""
-
-    specs: list[WorkerSpec]
-    weights: list[float]
-    scorer: dict[str, Any]  # RewardScorer keyword arguments: timeout_s, strict, max_workers, isolation
-    num_actors: int
-    cpus_per_actor: float = 1.0
-    threads_per_actor: int = 1
-    max_restarts: int = 3
-    restart_window_s: float = 3600.0
-    grace_s: float = 60.0
-    start_timeout_s: float = 300.0
+def _score_remote(actor: Any, chunk: _Chunk) -> Any:
+    return actor.score.remote(chunk.inputs)
 
 
-class _Actors:
-    """The actors, the queue of chunks waiting for one, and the chunk each one is scoring."""
+class PoolView:
+    """One user's scorer on the pool's actors (training, evaluation): a Scorer with counters of its own."""
 
-    def __init__(self, settings: ActorSettings) -> None:
-        import ray
+    def __init__(self, pool: RewardActorPool, name: str) -> None:
+        self.pool, self.name = pool, name
+        self.closed = False
+        self._counts: Counter[str] = Counter()
+        self._sums: Counter[str] = Counter()
+        self._events: Counter[str] = Counter()
 
-        self.s = settings
-        self.options = settings.scorer
-        self._cls = ray.remote(RewardActor)
-        env = dict.fromkeys(THREAD_VARS, str(settings.threads_per_actor))
-        self._actor_options = {
-            "num_cpus": settings.cpus_per_actor,
-            "max_restarts": 0,  # restarts are ours: the chunk must be resubmitted
-            "runtime_env": {"env_vars": env},
-        }
-        self.lock = threading.RLock()
-        self.users = 0
-        self.queue: deque[_Chunk] = deque()
-        self.busy: dict[int, _Running] = {}  # slot -> the chunk it is scoring
-        self.dirty: set[int] = set()  # slots left busy by an aborted wait: replaced before their next chunk
-        self._restart_times: list[deque[float]] = [deque() for _ in range(settings.num_actors)]
-        self.actors = [self._start() for _ in range(settings.num_actors)]
-        self.pids: list[int] = [0] * settings.num_actors
-        for slot in range(settings.num_actors):
-            why = self._await_ready(slot)
-            if why:
-                self.shutdown()
-                raise RuntimeError(f"reward actor {slot} failed to start: {why}")
+    def submit(self, inputs: list[RewardInput]) -> ScoreHandle:
+        """Starts scoring `inputs` on the actors and returns at once; ``result(handle)`` waits."""
+        return self.pool._submit(self, inputs)
 
-    def _start(self) -> Any:
-        return self._cls.options(**self._actor_options).remote(self.s.specs, self.s.weights, self.options)
+    def result(self, handle: ScoreHandle) -> list[RewardResult]:
+        """The combined results of a submit(), in input order; taken once. Its counters are added now, so
+        ``metrics()`` right after reflects it (rewards.scorer's docstring)."""
+        if not isinstance(handle, PoolHandle) or handle.view is not self or handle.taken:
+            raise ValueError(f"reward pool view {self.name!r}: a handle of another view, or already taken")
+        handle.taken = True
+        return self.pool._result(handle)
 
-    def _await_ready(self, slot: int) -> str:
-        """'' once slot's actor answers, else why not (it died, or did not answer within start_timeout_s)."""
-        import ray
-        from ray.exceptions import RayActorError
+    def score(self, inputs: list[RewardInput]) -> list[RewardResult]:
+        """Combined results in input order; one failing sample, reward or actor never loses the others."""
+        return self.result(self.submit(inputs))
 
-        ref = self.actors[slot].ready.remote()
-        ready, _ = ray.wait([ref], timeout=self.s.start_timeout_s)
-        if not ready:
-            return f"did not start within start_timeout_s={self.s.start_timeout_s:g} s"
-        try:
-            self.pids[slot] = ray.get(ref)
-        except RayActorError as err:
-            return f"died while starting: {err}"  # whole: it holds the error that stopped it loading
-        return ""
+    def metrics(self) -> dict[str, float]:
+        """RewardScorer's keys and values over the results taken since the previous call, plus
+        reward/actor_restarts and reward/actor_timeouts (actors replaced while scoring those calls' chunks,
+        and those for missing a deadline)."""
+        with self.pool._lock:
+            out = counter_metrics(self._counts, self._sums)
+            out["reward/actor_restarts"] = float(self._events["actor_restarts"])
+            out["reward/actor_timeouts"] = float(self._events["actor_timeouts"])
+            self._counts.clear()
+            self._sums.clear()
+            self._events.clear()
+        return out
 
-    def _charge(self, slot: int, why: str) -> None:
-        """Spend one restart of `slot`'s budget, or stop the run when it is spent."""
-        now, times = time.monotonic(), self._restart_times[slot]
-        while self.s.restart_window_s and times and times[0] <= now - self.s.restart_window_s:
-            times.popleft()
-        if len(times) >= self.s.max_restarts:
-            window = f"the last {self.s.restart_window_s:g} s" if self.s.restart_window_s else "this run"
-            raise RuntimeError(
-                f"reward actor {slot} (pid {self.pids[slot]}) {why}, and its restart budget is spent: "
-                f"{len(times)} restart(s) in {window} (max_restarts={self.s.max_restarts} per "
-                f"restart_window_s={self.s.restart_window_s:g}; 0: per run)"
-            )
-        times.append(now)
+    def actors(self) -> list[tuple[Any, int]]:
+        return self.pool.actors()
 
-    def restart(self, slot: int, why: str, charge: bool = True) -> None:
-        """Kill slot's actor and start another, until one comes up or the slot's budget is spent."""
-        import ray
+    def close(self) -> None:
+        """Closes this view; the pool stops its actors once every view it handed out is closed."""
+        self.closed = True
+        self.pool._view_closed()
 
-        while True:
-            if charge:
-                self._charge(slot, why)
-            log.warning("reward actor %d (pid %d) %s; restarting", slot, self.pids[slot], why)
-            ray.kill(self.actors[slot], no_restart=True)
-            self.actors[slot] = self._start()
-            failed = self._await_ready(slot)
-            if not failed:
-                return
-            why, charge = f"restart failed: {failed}", True
+    def __enter__(self) -> PoolView:
+        return self
 
-    def allowance(self, chunk: _Chunk) -> float:
-        """Seconds a chunk may take: every task its timeout, max_workers at a time, plus grace_s."""
-        waves = math.ceil(len(chunk.inputs) * len(self.s.specs) / self.options["max_workers"])
-        return self.s.grace_s + self.options["timeout_s"] * waves
-
-    def dispatch(self) -> None:
-        """Every idle actor takes the next waiting chunk."""
-        for slot in range(len(self.actors)):
-            if not self.queue:
-                return
-            if slot in self.busy:
-                continue
-            if slot in self.dirty:
-                self.dirty.discard(slot)
-                self.restart(slot, "was left scoring an abandoned chunk", charge=False)
-            chunk = self.queue.popleft()
-            allowance = self.allowance(chunk)
-            ref = self.actors[slot].score.remote(chunk.inputs)
-            self.busy[slot] = _Running(ref, chunk, time.monotonic() + allowance, allowance)
-
-    def wait_for(self, handle: ScoreHandle) -> None:
-        """Run the pool until `handle` is done (other handles' chunks progress too)."""
-        import ray
-
-        while not handle.done:
-            self.dispatch()
-            if not self.busy:
-                raise RuntimeError("reward actor pool: chunks pending but none running")  # cannot happen
-            now = time.monotonic()
-            nearest = min(r.deadline for r in self.busy.values())
-            refs = {r.ref: slot for slot, r in self.busy.items()}
-            ready, _ = ray.wait(list(refs), num_returns=1, timeout=max(0.0, min(nearest - now, 5.0)))
-            for ref in ready:
-                self._finish(refs[ref])
-            self._expire()
-
-    def _finish(self, slot: int) -> None:
-        import ray
-        from ray.exceptions import RayError, RayTaskError
-
-        chunk = (running := self.busy.pop(slot)).chunk
-        try:
-            outcome = ray.get(running.ref)
-        except RayTaskError as err:  # the scorer itself raised (reward.strict): the run stops with it
-            cause = err.cause if isinstance(err.cause, BaseException) else err
-            error = RewardError(f"reward actor {slot}, on the chunk from sample {chunk.start}: {cause}")
-            error.__cause__, chunk.handle.error = cause, error
-            return
-        except RayError as err:  # the actor died (killed, crashed, out of memory)
-            self._count(chunk, "actor_restarts")
-            self.queue.appendleft(chunk)  # before restart(): a spent budget leaves it queued, not lost
-            self.restart(slot, f"died ({_short(err)})")
-            return
-        chunk.outcome = outcome
-        self.pids[slot] = outcome.pid
-
-    def _expire(self) -> None:
-        """Kill and replace every actor past its chunk's deadline; the chunk goes back to the queue."""
-        import ray
-
-        now = time.monotonic()
-        for slot in [slot for slot, r in self.busy.items() if r.deadline <= now]:
-            running = self.busy[slot]
-            if ray.wait([running.ref], timeout=0)[0]:
-                self._finish(slot)  # it answered after all
-                continue
-            del self.busy[slot]
-            self._count(running.chunk, "actor_timeouts")
-            self._count(running.chunk, "actor_restarts")
-            self.queue.appendleft(running.chunk)
-            n = len(running.chunk.inputs)
-            self.restart(slot, f"did not score its chunk of {n} samples within {running.allowance:g} s")
-
-    @staticmethod
-    def _count(chunk: _Chunk, key: str) -> None:
-        chunk.handle.owner._events[key] += 1
-
-    def abandon(self, handle: ScoreHandle) -> None:
-        """After an aborted wait: `handle`'s queued chunks are dropped, and actors scoring them are replaced
-        before their next chunk (so that one is not timed while queued behind stale work)."""
-        self.queue = deque(c for c in self.queue if c.handle is not handle)
-        for slot, running in list(self.busy.items()):
-            if running.chunk.handle is handle:
-                del self.busy[slot]
-                self.dirty.add(slot)
-
-    def shutdown(self) -> None:
-        import ray
-
-        closing = [a.close.remote() for a in self.actors]
-        ray.wait(closing, num_returns=len(closing), timeout=2.0)  # idle actors stop their workers cleanly
-        for actor in self.actors:
-            ray.kill(actor, no_restart=True)
-        self.actors = []
-
-
-def _short(err: BaseException) -> str:
-    """Ray's death errors run to many lines; their type and first line say what happened."""
-    return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
-
-
-_SHARED: dict[str, _Actors] = {}
-_SHARED_LOCK = threading.Lock()
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class RewardActorPool:
-    """``score(inputs)`` like RewardScorer.score, on ``num_actors`` Ray actors; ``metrics()`` and ``close()``
-    like RewardScorer's. The caller owns ray.init (the driver's start_ray).
+    """``num_actors`` Ray actors scoring for its views (``view(name)``), and as its ``train`` view itself.
+    The caller owns ray.init (the driver's start_ray).
 
     ``chunk_size``: samples per chunk (None: the batch split evenly over the actors, one chunk each).
     ``threads_per_actor``: OMP/MKL/OpenBLAS threads of each actor and its workers (None: its CPUs, >= 1).
@@ -356,7 +207,6 @@ class RewardActorPool:
         restart_window_s: float = 3600.0,
         grace_s: float = 60.0,
         start_timeout_s: float = 300.0,
-        share: bool = False,
     ) -> None:
         counts = {"num_actors": num_actors, "max_workers": max_workers, "chunk_size": chunk_size or 1}
         positive = {"cpus_per_actor": cpus_per_actor, "timeout_s": timeout_s, "grace_s": grace_s}
@@ -369,115 +219,70 @@ class RewardActorPool:
         # Loaded here, so an unknown name or a bad signature fails in the driver with its own error; each
         # actor is sent the path that finds the same function in a fresh process.
         loaded = [load_reward(s.name, s.kwargs, low=s.low, high=s.high) for s in self.specs]
-        self._settings = ActorSettings(
-            [worker_spec(s.name, s.kwargs, r) for s, r in zip(self.specs, loaded)],
-            [s.weight for s in self.specs],
-            {"timeout_s": timeout_s, "strict": strict, "max_workers": max_workers, "isolation": isolation},
-            num_actors,
-            cpus_per_actor,
-            threads_per_actor or max(1, int(cpus_per_actor)),
-            max_restarts,
-            restart_window_s,
-            grace_s,
-            start_timeout_s,
+        workers = [worker_spec(s.name, s.kwargs, r) for s, r in zip(self.specs, loaded)]
+        self.options = {"timeout_s": timeout_s, "strict": strict, "max_workers": max_workers}
+        threads = str(threads_per_actor or max(1, int(cpus_per_actor)))
+        transport = RayTransport(
+            RewardActor,
+            (workers, [s.weight for s in self.specs], {**self.options, "isolation": isolation}),
+            {"num_cpus": cpus_per_actor, "runtime_env": {"env_vars": dict.fromkeys(THREAD_VARS, threads)}},
         )
-        self.stop_error_fraction, self.chunk_size = stop_error_fraction, chunk_size
-        self._actors = _join(self._settings, share)
+        policy = SlotPolicy("reward actor", start_timeout_s, max_restarts, restart_window_s, keys="reward")
+        self.num_actors, self.grace_s, self.chunk_size = num_actors, grace_s, chunk_size
+        self.stop_error_fraction, self.start_timeout_s = stop_error_fraction, start_timeout_s
+        self._supervisor: Supervisor[Any, _Chunk]
+        self._supervisor = Supervisor(transport, policy, num_actors, self._on_restart)
+        self._lock = threading.RLock()
+        self._queue: deque[_Chunk] = deque()
+        self._ready: dict[int, Any] = {}  # slot -> the readiness call of its latest restart (its pid)
+        self._views: dict[str, PoolView] = {}
         self._closed = False
-        self._counts: Counter[str] = Counter()
-        self._sums: Counter[str] = Counter()
-        self._events: Counter[str] = Counter()
+        self._supervisor.start()  # a slot that cannot start stops here, with every actor killed
+        try:
+            self._pids: list[int] = self._supervisor.call_all(_ready_remote, start_timeout_s, "ready")
+        except BaseException:
+            self._supervisor.shutdown()
+            raise
 
-    @classmethod
-    def shared(cls, specs: list[RewardSpec], **kwargs: Any) -> RewardActorPool:
-        """A pool on the actors of a live pool built with the same settings (started if there is none),
-        with counters of its own."""
-        return cls(specs, share=True, **kwargs)
-
-    def actors(self) -> list[tuple[Any, int]]:
-        """(Ray actor handle, process id as of its last answer) of each actor, by slot."""
-        return list(zip(self._actors.actors, self._actors.pids))
+    def view(self, name: str = "train") -> PoolView:
+        """The view called `name` (made on first use): a Scorer on these actors with its own counters."""
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("RewardActorPool: view() after close()")
+            return self._views.setdefault(name, PoolView(self, name))
 
     def submit(self, inputs: list[RewardInput]) -> ScoreHandle:
-        """Starts scoring `inputs` on the actors and returns at once; ``result(handle)`` waits."""
-        if self._closed:
-            raise RuntimeError("RewardActorPool: submit() after close()")
-        handle = ScoreHandle(self, len(inputs))
-        size = self.chunk_size or max(1, math.ceil(len(inputs) / self._settings.num_actors))
-        handle.chunks = [_Chunk(handle, i, list(inputs[i : i + size])) for i in range(0, len(inputs), size)]
-        with self._actors.lock:
-            self._actors.queue.extend(handle.chunks)
-            self._actors.dispatch()
-        return handle
+        return self.view("train").submit(inputs)
 
     def result(self, handle: ScoreHandle) -> list[RewardResult]:
-        """The combined results of a submit(), in input order; taken once."""
-        if handle.owner is not self or handle.taken:
-            raise ValueError("RewardActorPool.result: a handle of another pool, or one already taken")
-        handle.taken = True
-        with self._actors.lock:
-            try:
-                self._actors.wait_for(handle)
-            except BaseException:
-                self._actors.abandon(handle)
-                raise
-        if handle.error is not None:
-            self._actors.abandon(handle)
-            raise handle.error
-        outcomes = [c.outcome for c in handle.chunks]
-        self._stop_if_broken(handle, outcomes)
-        for outcome in outcomes:
-            self._counts.update(outcome.counts)
-            self._sums.update(outcome.sums)
-        self._counts["reward/samples"] += 0  # present even for an empty call, as in RewardScorer
-        return [r for outcome in outcomes for r in outcome.results]
+        return self.view("train").result(handle)
 
     def score(self, inputs: list[RewardInput]) -> list[RewardResult]:
-        """Combined results in input order; one failing sample, reward or actor never loses the others."""
-        return self.result(self.submit(inputs))
-
-    def _stop_if_broken(self, handle: ScoreHandle, outcomes: list[Any]) -> None:
-        """RewardScorer's rule over the whole call: this fraction of its samples failed or timed out."""
-        failed = sum(len(o.failed) for o in outcomes)
-        if not handle.size or failed < self.stop_error_fraction * handle.size:
-            return
-        chunk, outcome = next((c, o) for c, o in zip(handle.chunks, outcomes) if o.first_failure)
-        name, index, prompt, completion, trace = outcome.first_failure
-        raise RewardError(
-            f"reward {name!r} failed on {failed} of {handle.size} samples "
-            f"(reward.stop_error_fraction={self.stop_error_fraction}); "
-            f"first failure, on sample {chunk.start + index} "
-            f"(prompt {prompt!r}, completion {completion!r}):\n{trace}"
-        )
+        return self.view("train").score(inputs)
 
     def metrics(self) -> dict[str, float]:
-        """RewardScorer's keys and values since the previous call, plus reward/actor_restarts and
-        reward/actor_timeouts (actors replaced, and those for missing a deadline)."""
-        n = self._counts.get("reward/samples", 0)
-        out: dict[str, float] = {k: float(v) for k, v in self._counts.items()}
-        out.update({k: v / n for k, v in self._sums.items()} if n else {})
-        out.setdefault("reward/errors", 0.0)
-        out.setdefault("reward/timeouts", 0.0)
-        out["reward/actor_restarts"] = float(self._events["actor_restarts"])
-        out["reward/actor_timeouts"] = float(self._events["actor_timeouts"])
-        self._counts.clear()
-        self._sums.clear()
-        self._events.clear()
-        return out
+        return self.view("train").metrics()
+
+    def actors(self) -> list[tuple[Any, int]]:
+        """(Ray actor handle, process id) of each actor, by slot; waits for restarts in progress."""
+        import ray
+
+        with self._lock:
+            self._supervisor.settle()
+            for slot, ref in list(self._ready.items()):
+                self._pids[slot] = ray.get(ref)
+            self._ready.clear()
+            return list(zip(self._supervisor.handles, self._pids))
 
     def close(self) -> None:
-        """Stops the actors (the last pool sharing them does); score() afterwards raises. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        with _SHARED_LOCK:
-            self._actors.users -= 1
-            if self._actors.users > 0:
+        """Stops the actors; every view's submit() afterwards raises. Idempotent."""
+        with self._lock:
+            if self._closed:
                 return
-            if _SHARED.get(repr(self._settings)) is self._actors:
-                del _SHARED[repr(self._settings)]
-        with self._actors.lock:
-            self._actors.shutdown()
+            self._closed = True
+            for view in self._views.values():
+                view.closed = True
+            self._supervisor.shutdown(close=lambda a: a.close.remote(), grace_s=2.0)
 
     def __enter__(self) -> RewardActorPool:
         return self
@@ -485,14 +290,114 @@ class RewardActorPool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # ------------------------------------------------------------------------------------------ internals
 
-def _join(settings: ActorSettings, share: bool) -> _Actors:
-    """New actors, or (`share`) those of a live pool with the same settings; counts the user."""
-    with _SHARED_LOCK:
-        actors = _SHARED.get(repr(settings)) if share else None
-        if actors is None:
-            actors = _Actors(settings)
-            if share:
-                _SHARED[repr(settings)] = actors
-        actors.users += 1
-        return actors
+    def _on_restart(self, slot: int, actor: Any) -> Any:
+        self._ready[slot] = ref = _ready_remote(actor)
+        return ref
+
+    def _view_closed(self) -> None:
+        with self._lock:
+            if self._views and all(v.closed for v in self._views.values()):
+                self.close()
+
+    def _submit(self, view: PoolView, inputs: list[RewardInput]) -> PoolHandle:
+        if view.closed or self._closed:
+            raise RuntimeError(f"RewardActorPool: submit() after close() (view {view.name!r})")
+        handle = PoolHandle(view, len(inputs))
+        size = self.chunk_size or max(1, math.ceil(len(inputs) / self.num_actors))
+        handle.chunks = [_Chunk(handle, i, list(inputs[i : i + size])) for i in range(0, len(inputs), size)]
+        with self._lock:
+            self._queue.extend(handle.chunks)
+            self._dispatch()
+        return handle
+
+    def _result(self, handle: PoolHandle) -> list[RewardResult]:
+        try:
+            self._wait_for(handle)
+        except BaseException:
+            self._abandon(handle)
+            raise
+        if handle.error is not None:
+            self._abandon(handle)
+            raise handle.error
+        outcomes = [c.outcome for c in handle.chunks if c.outcome is not None]
+        self._stop_if_broken(handle, outcomes)
+        view = handle.view
+        with self._lock:
+            view._events.update(handle.events)
+            for outcome in outcomes:
+                view._counts.update(outcome.counts)
+                view._sums.update(outcome.sums)
+            view._counts["reward/samples"] += 0  # present even for an empty call, as in RewardScorer
+        return [r for outcome in outcomes for r in outcome.results]
+
+    def _allowance(self, chunk: _Chunk) -> float:
+        """Seconds a chunk may take: every task its timeout, max_workers at a time, plus grace_s."""
+        waves = math.ceil(len(chunk.inputs) * len(self.specs) / self.options["max_workers"])
+        return self.grace_s + self.options["timeout_s"] * waves
+
+    def _dispatch(self) -> None:
+        """Every idle actor takes the next waiting chunk (slots left on abandoned chunks are replaced)."""
+        self._supervisor.replace_dirty()
+        for slot in self._supervisor.idle_slots():
+            if not self._queue:
+                return
+            chunk = self._queue.popleft()
+            allowance = self._allowance(chunk)
+            how = f"{allowance:g} s (its chunk of {len(chunk.inputs)} samples)"
+            self._supervisor.submit(slot, chunk, _score_remote, allowance, how)
+
+    def _wait_for(self, handle: PoolHandle) -> None:
+        """Runs the pool until `handle` is done (other handles' chunks progress too). The lock is taken per
+        short wait, so another thread's submit() or result() is not held up behind this one."""
+        while True:
+            with self._lock:
+                if handle.done:
+                    return
+                if self._closed:
+                    raise RuntimeError("RewardActorPool: closed while a result was awaited")
+                self._dispatch()
+                if not self._supervisor.calls and not self._supervisor.starting:  # an earlier error lost it
+                    raise RuntimeError("RewardActorPool: a chunk of this call is neither queued nor running")
+                for outcome in self._supervisor.wait(0.2):
+                    self._settle(outcome)
+            time.sleep(0)  # lets a thread blocked on the lock take it
+
+    def _settle(self, outcome: Outcome[_Chunk]) -> None:
+        chunk, slot = outcome.call.work, outcome.call.slot
+        if outcome.ok:
+            chunk.outcome = outcome.value
+            self._pids[slot] = outcome.value.pid
+        elif outcome.error is not None:  # the actor's scorer raised (reward.strict): the call stops with it
+            cause = outcome.error
+            error = RewardError(f"reward actor {slot}, on the chunk from sample {chunk.start}: {cause}")
+            error.__cause__, chunk.handle.error = cause, error
+        else:  # it died or missed its deadline: the supervisor is replacing it; the chunk goes again
+            chunk.handle.events["actor_restarts"] += 1
+            chunk.handle.events["actor_timeouts"] += int(outcome.timed_out)
+            self._queue.appendleft(chunk)
+
+    def _abandon(self, handle: PoolHandle) -> None:
+        """After an aborted wait: `handle`'s queued chunks are dropped, and actors scoring them are replaced
+        before their next chunk (so that one is not timed while queued behind stale work)."""
+        with self._lock:
+            self._queue = deque(c for c in self._queue if c.handle is not handle)
+            for slot, call in list(self._supervisor.calls.items()):
+                if call.work.handle is handle:
+                    self._supervisor.abandon(slot)
+
+    def _stop_if_broken(self, handle: PoolHandle, outcomes: list[ChunkOutcome]) -> None:
+        """RewardScorer's rule over the whole call: this fraction of its samples failed or timed out."""
+        failed = sum(len(o.failed) for o in outcomes)
+        if not handle.size or failed < self.stop_error_fraction * handle.size:
+            return
+        chunk, outcome = next((c, o) for c, o in zip(handle.chunks, outcomes) if o.first_failure)
+        assert outcome.first_failure is not None
+        name, index, prompt, completion, trace = outcome.first_failure
+        raise RewardError(
+            f"reward {name!r} failed on {failed} of {handle.size} samples "
+            f"(reward.stop_error_fraction={self.stop_error_fraction}); "
+            f"first failure, on sample {chunk.start + index} "
+            f"(prompt {prompt!r}, completion {completion!r}):\n{trace}"
+        )

@@ -5,6 +5,13 @@ the timeout gets its worker killed and replaced, so a hanging plugin costs at mo
 leaves nothing running. ``isolation="thread"`` runs them on daemon threads in this process instead (cheaper
 to start, and for rewards registered only in the driver); a timed-out thread cannot be stopped: it is
 abandoned, still running, and replaced.
+
+Every scorer (this in-driver one, and the views of the Ray actor pool, :mod:`rewards.actor_pool`) is a
+:class:`Scorer`: ``submit(inputs)`` starts a call and returns at once, ``result(handle)`` waits for it,
+``score(inputs)`` is both. Counters: ``metrics()`` reports the calls whose results were taken (``score``,
+``result``) since the previous ``metrics()``; a call's counters are added when its result is taken, never
+while it runs, so ``metrics()`` right after ``result(h)`` reflects exactly that call when the previous one was
+taken before the previous ``metrics()`` (what a stream scoring group by group needs to attribute counters).
 """
 
 from __future__ import annotations
@@ -13,8 +20,9 @@ import queue
 import threading
 import time
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Protocol
 
 from rewards.base import RewardError, RewardInput, RewardResult, RewardTimeout
 from rewards.batch import BatchReward, batch_reward, run_batch
@@ -34,6 +42,41 @@ class RewardSpec:
     kwargs: dict = field(default_factory=dict)
     low: float | None = None
     high: float | None = None
+
+
+class ScoreHandle:
+    """What ``Scorer.submit`` returns; ``Scorer.result`` takes it once (a second time raises ValueError)."""
+
+    taken: bool = False
+
+
+class Scorer(Protocol):
+    """The scorer seam: in the driver (RewardScorer) or on Ray reward actors (RewardActorPool's views)."""
+
+    def submit(self, inputs: list[RewardInput]) -> ScoreHandle: ...
+
+    def result(self, handle: ScoreHandle) -> list[RewardResult]: ...
+
+    def score(self, inputs: list[RewardInput]) -> list[RewardResult]: ...
+
+    def metrics(self) -> dict[str, float]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class ScoredBatch:
+    """One call's results and its own counters (added to the scorer's when the results are taken)."""
+
+    results: list[RewardResult]
+    counts: Counter[str] = field(default_factory=Counter)
+    sums: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(eq=False)
+class _Submitted(ScoreHandle):
+    owner: RewardScorer
+    future: Future[ScoredBatch]
 
 
 def timed_out(t: Task) -> bool:
@@ -144,14 +187,19 @@ class RewardScorer:
             self._pool = WorkerPool(children, size=max_workers, timeout_s=timeout_s)
         else:
             self._pool = _ThreadPool(self.rewards, size=max_workers, timeout_s=timeout_s)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one call at a time on the pool
+        self._counter_lock = threading.Lock()
         self._closed = False
         self._counts: Counter[str] = Counter()
         self._sums: Counter[str] = Counter()
+        self._background: ThreadPoolExecutor | None = None  # submit()'s one thread, started on first use
 
     def close(self) -> None:
-        """Stops the workers; score() afterwards raises RuntimeError. Idempotent."""
+        """Stops the workers (after a submitted call in progress ends); score() afterwards raises
+        RuntimeError. Idempotent."""
         self._closed = True
+        if self._background is not None:
+            self._background.shutdown(wait=True, cancel_futures=True)
         self._pool.close()
 
     def worker_pids(self) -> list[int]:
@@ -164,24 +212,53 @@ class RewardScorer:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _resolve(self, t: Task) -> RewardResult:
+    def submit(self, inputs: list[RewardInput]) -> ScoreHandle:
+        """Starts scoring `inputs` on a background thread (calls run one at a time, in order) and returns
+        at once; ``result(handle)`` waits for the results."""
+        if self._closed:
+            raise RuntimeError("RewardScorer: submit() after close()")
+        if self._background is None:
+            self._background = ThreadPoolExecutor(1, thread_name_prefix="reward-scorer")
+        return _Submitted(self, self._background.submit(self.score_batch, list(inputs)))
+
+    def result(self, handle: ScoreHandle) -> list[RewardResult]:
+        """The results of a submit(), as score() gives them (its exception, if it raised); taken once. Its
+        counters are added now: see the module docstring."""
+        if not isinstance(handle, _Submitted) or handle.owner is not self or handle.taken:
+            raise ValueError("RewardScorer.result: a handle of another scorer, or one already taken")
+        handle.taken = True
+        return self._take(handle.future.result())
+
+    def score(self, inputs: list[RewardInput]) -> list[RewardResult]:
+        """Combined results in input order; one failing sample or reward never loses the others."""
+        if self._closed:
+            raise RuntimeError("RewardScorer: score() after close()")
+        return self._take(self.score_batch(inputs))
+
+    def _take(self, scored: ScoredBatch) -> list[RewardResult]:
+        with self._counter_lock:
+            self._counts.update(scored.counts)
+            self._sums.update(scored.sums)
+        return scored.results
+
+    def _resolve(self, t: Task, counts: Counter[str]) -> RewardResult:
         name, key = self.specs[t.spec].name, self.keys[t.spec]
         if timed_out(t):
-            self._counts["reward/timeouts"] += 1
-            self._counts[f"reward/{key}/timeouts"] += 1
+            counts["reward/timeouts"] += 1
+            counts[f"reward/{key}/timeouts"] += 1
             what = f"after {self.timeout_s}s" if t.timed_out else f"({str(t.error)[:120]})"
             if self.strict:
                 raise RewardError(f"reward {name!r} timed out {what} on sample {t.index}") from t.error
             return RewardResult(0.0, f"{key}: timeout {what}")
         if t.error is not None:
-            self._counts["reward/errors"] += 1
-            self._counts[f"reward/{key}/errors"] += 1
+            counts["reward/errors"] += 1
+            counts[f"reward/{key}/errors"] += 1
             if self.strict:
                 raise RewardError(f"reward {name!r} failed on sample {t.index}: {t.error!r}") from t.error
             return RewardResult(0.0, f"{key}: error {t.error_type}: {str(t.error)[:120]}")
         assert t.result is not None
         if t.result.score == 0.0 and t.result.reason:
-            self._counts[f"reward/{key}/zero"] += 1
+            counts[f"reward/{key}/zero"] += 1
         return t.result
 
     def _stop_if_broken(self, tasks: list[Task], inputs: list[RewardInput]) -> None:
@@ -202,35 +279,40 @@ class RewardScorer:
             f"{failure(first, self.timeout_s)}"
         ) from first.error
 
-    def score(self, inputs: list[RewardInput]) -> list[RewardResult]:
-        """Combined results in input order; one failing sample or reward never loses the others."""
-        if self._closed:
-            raise RuntimeError("RewardScorer: score() after close()")
+    def score_batch(self, inputs: list[RewardInput]) -> ScoredBatch:
+        """score()'s work: the results and this call's counters, which are not added to the scorer's."""
         tasks = [Task(i, j, inp) for i, inp in enumerate(inputs) for j in range(len(self.rewards))]
         with self._lock:
             self._pool.run([t for t in tasks if t.spec not in self._batched])
             for j, reward in self._batched.items():
                 run_batch(reward, [t for t in tasks if t.spec == j], self.rewards[j], self.specs[j].kwargs)
         self._stop_if_broken(tasks, inputs)
-        out: list[RewardResult] = []
+        scored = ScoredBatch([])
         for i in range(len(inputs)):
             mine = tasks[i * len(self.rewards) : (i + 1) * len(self.rewards)]
-            parts = [(t.spec, self._resolve(t)) for t in mine]
+            parts = [(t.spec, self._resolve(t, scored.counts)) for t in mine]
             total = sum(self.specs[j].weight * r.score for j, r in parts)
             reason = "; ".join(r.reason for _, r in parts if r.reason)
-            out.append(RewardResult(total, reason))
+            scored.results.append(RewardResult(total, reason))
             for j, r in parts:
-                self._sums[f"reward/{self.keys[j]}/mean"] += r.score
-        self._counts["reward/samples"] += len(inputs)
-        return out
+                scored.sums[f"reward/{self.keys[j]}/mean"] += r.score
+        scored.counts["reward/samples"] += len(inputs)
+        return scored
 
     def metrics(self) -> dict[str, float]:
         """Failure counts by reason (and per-reward means) since the previous call."""
-        n = self._counts.get("reward/samples", 0)
-        out: dict[str, Any] = {k: float(v) for k, v in self._counts.items()}
-        out.update({k: v / n for k, v in self._sums.items()} if n else {})
-        out.setdefault("reward/errors", 0.0)
-        out.setdefault("reward/timeouts", 0.0)
-        self._counts.clear()
-        self._sums.clear()
+        with self._counter_lock:
+            out = counter_metrics(self._counts, self._sums)
+            self._counts.clear()
+            self._sums.clear()
         return out
+
+
+def counter_metrics(counts: Counter[str], sums: Counter[str]) -> dict[str, float]:
+    """The metrics of raw counters: counts as they are, sums as means over reward/samples."""
+    n = counts.get("reward/samples", 0)
+    out: dict[str, float] = {k: float(v) for k, v in counts.items()}
+    out.update({k: v / n for k, v in sums.items()} if n else {})
+    out.setdefault("reward/errors", 0.0)
+    out.setdefault("reward/timeouts", 0.0)
+    return out

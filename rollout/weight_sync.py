@@ -13,7 +13,7 @@ Both are versioned: workers stamp every sample with the version of the weights t
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -21,6 +21,7 @@ from cispo.core.weight_channel import (  # noqa: F401 - re-exported: the engines
     BUCKET_BYTES,
     DRIVER_REFUSES_WEIGHTS,
     TensorMeta,
+    WeightSource,
     broadcast_state_dict,
     group_ranks,
     init_weight_group,
@@ -59,17 +60,6 @@ class ObjectStoreWeightSync:
     def restore(self, worker: Any) -> Any:
         """A pending load of the latest weights on a fresh worker, or None before the first push."""
         return None if self.ref is None else worker.load_weights.remote(self.ref, self.version)
-
-
-class WeightSource(Protocol):
-    """The learner's side of the broadcast as BroadcastWeightSync drives it. Calls that run on learner
-    ranks return Ray refs, so the sync waits on the learner and the engines together."""
-
-    def weight_metas(self) -> list[TensorMeta]: ...
-    def weight_group_address(self) -> tuple[str, int]: ...
-    def join_weight_group(self, host: str, port: int, world_size: int, backend: str) -> list[Any]: ...
-    def send_weights(self, bucket_bytes: int) -> list[Any]: ...
-    def weights_ref(self) -> Any: ...
 
 
 class BroadcastWeightSync:

@@ -39,6 +39,19 @@ class RolloutWorker:
         generations = self.engine.generate(prompts, params)
         return generations, dict(self.engine.last_timings)
 
+    def run_task(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        weights: dict[str, torch.Tensor] | None,
+        version: int,
+    ) -> tuple[list[Generation], dict[str, float]]:
+        """Loads `weights` as `version` first when given, then generates: one call, so a task never runs
+        on weights other than those it asked for (a failed load fails the task)."""
+        load_s = self.load_weights(weights, version) if weights is not None else 0.0
+        generations, timings = self.generate(prompts, params)
+        return generations, {**timings, "load_s": load_s}
+
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> float:
         start = time.perf_counter()
         self.engine.load_weights(state_dict, version)

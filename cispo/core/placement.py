@@ -7,7 +7,26 @@ naming what asked for it, instead of leaving its actors pending forever.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
+
+# One process of a run, as placement.json lists it: its role ("driver", "learner", "rollout", ...), its
+# rank (learner) or slot (rollout), and where it runs: on a Ray node (node_ip, node_id, pid, gpus) or
+# "in" another process ("driver"). Every key but role is optional. ("in" is a keyword: the functional form.)
+PlacementEntry = TypedDict(
+    "PlacementEntry",
+    {
+        "role": str,
+        "rank": int,
+        "slot": int,
+        "in": str,
+        "node_ip": str,
+        "node_id": str,
+        "pid": int,
+        "gpus": list[str],
+        "built_partitioned": bool,
+    },
+    total=False,
+)
 
 
 def make_placement_group(

@@ -97,8 +97,16 @@ class Sample:
     reward_reason: str = ""
     # The engine's Generation.routed_experts: [P + R, n_moe_layers, top_k] compact int tensor, or None.
     routed_experts: torch.Tensor | None = None
+    # The policy version that sampled each response token, when they differ (a partial rollout continued
+    # across a weight sync); empty: every token is policy_version's. policy_version is the oldest.
+    token_versions: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.token_versions and len(self.token_versions) != len(self.response_ids):
+            raise ValueError(
+                f"sample of group {self.group_index}: {len(self.token_versions)} token versions for "
+                f"{len(self.response_ids)} response tokens"
+            )
         if len(self.response_ids) != len(self.behaviour_logprobs):
             raise ValueError(
                 f"sample of group {self.group_index}: {len(self.response_ids)} response tokens but "
@@ -173,3 +181,15 @@ class StepResult:
 
     metrics: dict[str, float]
     logprobs: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class RolloutStats:
+    """What the curriculum reads of one step's rollout (its kept samples): response lengths in tokens and
+    the generation perplexity, exp of the mean negative behaviour log-prob per sampled token (NaN when
+    nothing was sampled)."""
+
+    p99_length: float
+    perplexity: float
+    mean_length: float
+    max_length: float

@@ -15,7 +15,7 @@ import datetime
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -44,6 +44,18 @@ class TensorMeta:
     @property
     def nbytes(self) -> int:
         return torch.Size(self.shape).numel() * self.dtype.itemsize
+
+
+class WeightSource(Protocol):
+    """The learner's side of the weight channel, as the rollout side's BroadcastWeightSync drives it (a
+    learner whose ranks send the weights themselves: `Learner.weight_source()`). Calls that run on learner
+    ranks return Ray refs, so a sync waits on the learner and the engines together."""
+
+    def weight_metas(self) -> list[TensorMeta]: ...
+    def weight_group_address(self) -> tuple[str, int]: ...
+    def join_weight_group(self, host: str, port: int, world_size: int, backend: str) -> list[Any]: ...
+    def send_weights(self, bucket_bytes: int) -> list[Any]: ...
+    def weights_ref(self) -> Any: ...
 
 
 def init_weight_group(

@@ -21,8 +21,9 @@ import torch
 from cispo.algo.advantages import AdvantageFn, get_advantage
 from cispo.core.config import TrainConfig
 from cispo.core.launch import RAY_SETUP_HOOK
-from cispo.core.registry import callable_from
+from cispo.core.placement import PlacementEntry
 from cispo.driver.checkpoint import checkpoint_step
+from cispo.driver.cluster import check_cluster, local_cpu_demand
 from cispo.driver.curriculum import LengthCurriculum
 from cispo.driver.data import PromptStream, check_prompt_lengths, eval_groups, load_split
 from cispo.driver.export import INIT_DIR
@@ -38,10 +39,11 @@ from cispo.driver.policy import (
 from cispo.driver.reaper import ray_temp_dir
 from cispo.driver.rollout_stage import RolloutStage
 from cispo.driver.tracking import Tracker
-from cispo.learner import LEARNERS, Learner, build_learner
+from cispo.learner import Learner, build_learner, learner_backend
 from cispo.models.loading import engine_dir
-from rewards.scorer import RewardScorer, RewardSpec
+from rewards.scorer import RewardScorer, RewardSpec, Scorer
 from rollout.manager import LocalRolloutManager, RolloutManager
+from rollout.tasks import RolloutBackend
 from rollout.weight_sync import BroadcastWeightSync
 
 
@@ -146,9 +148,9 @@ def truncation_limit(cfg: TrainConfig) -> int | None:
     return prompt_limit(cfg)[0] if cfg.data.truncate_prompts else None
 
 
-def build_scorer(cfg: TrainConfig) -> Any:
-    """The reward scorer: in the driver, or (reward.num_actors > 0) on Ray reward actors, which the
-    training and evaluation scorers share (each keeps its own counters)."""
+def build_scorers(cfg: TrainConfig) -> tuple[Scorer, Scorer]:
+    """The training and evaluation scorers: in the driver, or (reward.num_actors > 0) two views of one
+    pool of Ray reward actors (shared actors, each view with its own counters)."""
     code = cfg.reward.code
     specs = [
         RewardSpec(r.name, r.weight, code.kwargs_for(r.name, r.kwargs), r.low, r.high)
@@ -165,10 +167,11 @@ def build_scorer(cfg: TrainConfig) -> Any:
         from rewards.actor_pool import RewardActorPool
 
         start_ray(cfg)
-        return RewardActorPool.shared(
+        pool = RewardActorPool(
             specs, num_actors=cfg.reward.num_actors, cpus_per_actor=cfg.reward.cpus_per_actor, **kwargs
         )
-    return RewardScorer(specs, **kwargs)
+        return pool.view("train"), pool.view("eval")
+    return RewardScorer(specs, **kwargs), RewardScorer(specs, **kwargs)
 
 
 def engine_kwargs(cfg: TrainConfig, model_dir: Path | None, threads: int) -> dict[str, Any]:
@@ -202,7 +205,7 @@ def build_eval_stage(
         {**engine_kwargs(cfg, None, cfg.learner.num_threads), "model": model},
     )
     eval_set = eval_groups(eval_split, tokenizer, cfg.data)
-    return RolloutStage(cfg, tokenizer, manager, (build_scorer(cfg), build_scorer(cfg)), None, eval_set)
+    return RolloutStage(cfg, tokenizer, manager, build_scorers(cfg), None, eval_set)
 
 
 def build_eval_only_stage(
@@ -213,7 +216,7 @@ def build_eval_only_stage(
     eval_split = load_split(cfg.data, "eval")
     check_prompts(cfg, tokenizer, (eval_split.select([]), eval_split), print)
     eval_set = eval_groups(eval_split, tokenizer, cfg.data, truncation_limit(cfg))
-    return RolloutStage(cfg, tokenizer, manager, (build_scorer(cfg), build_scorer(cfg)), None, eval_set)
+    return RolloutStage(cfg, tokenizer, manager, build_scorers(cfg), None, eval_set)
 
 
 def start_ray(cfg: TrainConfig) -> None:
@@ -226,7 +229,6 @@ def start_ray(cfg: TrainConfig) -> None:
     runtime_env = {"worker_process_setup_hook": RAY_SETUP_HOOK}
     if cfg.cluster.ray_address:
         ray.init(address=cfg.cluster.ray_address, runtime_env=runtime_env)
-        check_cluster(cfg, ray.nodes())
     else:
         # A short temp dir: Ray's socket paths must stay under 108 characters. Logical CPUs only schedule
         # (every process sets its own thread count), so the instance is at least as big as the placement.
@@ -238,49 +240,28 @@ def start_ray(cfg: TrainConfig) -> None:
             _temp_dir=ray_temp_dir(os.getpid()),  # what cispo.driver.reaper looks for after a kill -9
             runtime_env=runtime_env,
         )
-
-
-def local_cpu_demand(cfg: TrainConfig) -> int:
-    """The logical CPUs the Ray actors of this run reserve: rollout workers, learner ranks, reward actors."""
-    demand = cfg.rollout.num_workers * cfg.rollout.num_cpus_per_worker if cfg.rollout.backend == "ray" else 0
-    if ranked_learner(cfg):
-        demand += cfg.learner.num_ranks * cfg.cluster.learner_cpus_per_rank
-    demand += getattr(cfg.reward, "num_actors", 0) * getattr(cfg.reward, "cpus_per_actor", 1.0)
-    return int(demand + 0.999)
+    # Before anything is placed: a reservation the cluster cannot hold would otherwise wait in silence.
+    check_cluster(cfg, ray.nodes(), ray.cluster_resources())
 
 
 def ranked_learner(cfg: TrainConfig) -> bool:
-    """Whether the learner backend runs on Ray actors of its own (a class attribute `ray_ranks`)."""
-    return bool(getattr(callable_from(LEARNERS, cfg.learner.backend), "ray_ranks", False))
+    """Whether the learner backend runs on Ray actors of its own (its declared `ray_ranks`)."""
+    return learner_backend(cfg.learner.backend).ray_ranks
 
 
-def check_cluster(cfg: TrainConfig, nodes: list[dict[str, Any]]) -> None:
-    """An existing Ray cluster must have the nodes and GPUs the cluster config says it has."""
-    alive = [n for n in nodes if n.get("Alive")]
-    if len(alive) < cfg.cluster.num_nodes:
-        raise RuntimeError(
-            f"cluster.num_nodes={cfg.cluster.num_nodes} but the Ray cluster at {cfg.cluster.ray_address} "
-            f"has {len(alive)} live node(s)"
-        )
-    short = [
-        n["NodeManagerAddress"] for n in alive if n["Resources"].get("GPU", 0) < cfg.cluster.gpus_per_node
-    ]
-    if len(alive) - len(short) < cfg.cluster.num_nodes:
-        raise RuntimeError(
-            f"cluster.gpus_per_node={cfg.cluster.gpus_per_node}, but these nodes have fewer GPUs: {short}"
-        )
-
-
-def build_rollout_manager(cfg: TrainConfig, model_dir: Path, learner: Learner | None = None) -> Any:
+def build_rollout_manager(
+    cfg: TrainConfig, model_dir: Path, learner: Learner | None = None
+) -> RolloutBackend:
     """The engines over `model_dir`; with a learner on Ray ranks (and cluster.weight_sync auto or
     broadcast), weights come to them straight from learner rank 0 over the weight channel."""
     kwargs = engine_kwargs(cfg, model_dir, cfg.rollout.threads_per_worker)
     if cfg.rollout.backend == "local":
         return LocalRolloutManager(cfg.rollout.engine, kwargs)
     start_ray(cfg)
+    source = learner.weight_source() if learner is not None else None
     sync = None
-    if learner is not None and cfg.cluster.weight_sync != "object_store" and ranked_learner(cfg):
-        sync = BroadcastWeightSync(learner, backend="nccl" if cfg.rollout.num_gpus_per_worker else "gloo")
+    if source is not None and cfg.cluster.weight_sync != "object_store":
+        sync = BroadcastWeightSync(source, backend="nccl" if cfg.rollout.num_gpus_per_worker else "gloo")
     return RolloutManager(
         cfg.rollout.engine,
         kwargs,
@@ -340,13 +321,13 @@ def build_learner_stage(cfg: TrainConfig, model: torch.nn.Module | None, model_d
     )
 
 
-def write_placement(run_dir: Path, learner: Learner, manager: Any, tracker: Tracker) -> None:
+def write_placement(run_dir: Path, learner: Learner, manager: RolloutBackend, tracker: Tracker) -> None:
     """`<run dir>/placement.json` and one printed line per process: role, rank or slot, node."""
     import socket
 
-    entries: list[dict[str, Any]] = [{"role": "driver", "node_ip": _driver_ip(), "pid": os.getpid()}]
-    entries += list(getattr(learner, "placement", None) or [{"role": "learner", "rank": 0, "in": "driver"}])
-    entries += manager.placement() if hasattr(manager, "placement") else [{"role": "rollout", "in": "driver"}]
+    entries: list[PlacementEntry] = [{"role": "driver", "node_ip": _driver_ip(), "pid": os.getpid()}]
+    entries += learner.placement
+    entries += manager.placement()  # type: ignore[arg-type]
     (run_dir / "placement.json").write_text(
         json.dumps({"host": socket.gethostname(), "processes": entries}, indent=2)
     )
@@ -385,7 +366,7 @@ def build_stages(
     limit = truncation_limit(cfg)
     stream = PromptStream(splits[0], tokenizer, cfg.data, cfg.algorithm.group_size, limit)
     eval_set = eval_groups(splits[1], tokenizer, cfg.data, limit)
-    rollout = RolloutStage(cfg, tokenizer, manager, (build_scorer(cfg), build_scorer(cfg)), stream, eval_set)
+    rollout = RolloutStage(cfg, tokenizer, manager, build_scorers(cfg), stream, eval_set)
     curriculum = LengthCurriculum(cfg.curriculum, cfg.rollout.max_new_tokens)
     stages = Stages(rollout, learner, tracker, curriculum, get_advantage(cfg.algorithm.advantage))
     return stages, info

@@ -245,8 +245,14 @@ def read_hf_marker(hf_dir: Path) -> dict[str, Any] | None:
     return _json_object(hf_dir / HF_MARKER)
 
 
+def hf_marker_files(step: int, run_id: str) -> dict[str, str]:
+    """The marker naming the step and run id of an export, as a file to write into it (name -> text)."""
+    return {HF_MARKER: json.dumps({"step": step, "run_id": run_id})}
+
+
 def write_hf_marker(hf_dir: Path, step: int, run_id: str) -> None:
-    (hf_dir / HF_MARKER).write_text(json.dumps({"step": step, "run_id": run_id}))
+    for name, text in hf_marker_files(step, run_id).items():
+        (hf_dir / name).write_text(text)
 
 
 def claim_branch(run_dir: Path, resume_from: Path | None) -> tuple[str, list[str]]:

@@ -12,9 +12,12 @@ mid-stage continues in that stage, with its streak and perplexity history.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 from cispo.core.config import CurriculumConfig, StageConfig
+from cispo.core.stage import StageSettings
+from cispo.core.types import RolloutStats
 
 # Stage settings that are logged as curriculum/<key> when a stage sets them.
 SETTING_KEYS = ("lr", "grad_clip", "repetition_stop_tokens", "temperature")
@@ -37,10 +40,12 @@ class LengthCurriculum:
         settings = self.settings
         return settings.budget if settings is not None else self.default_budget
 
-    def observe(self, p99_length: float, perplexity: float) -> bool:
-        """Records one step's p99 response length and generation perplexity; True when the stage advanced."""
+    def observe(self, stats: RolloutStats) -> bool:
+        """Records one step's rollout statistics (its p99 response length and generation perplexity);
+        True when the stage advanced."""
         if not self.cfg.enabled:
             return False
+        p99_length, perplexity = stats.p99_length, stats.perplexity
         near_limit = p99_length >= self.cfg.advance_fraction * self.budget
         self._streak = self._streak + 1 if near_limit else 0
         if math.isfinite(perplexity):
@@ -68,16 +73,22 @@ class LengthCurriculum:
         before, last = sum(self._perplexity[:w]) / w, sum(self._perplexity[w:]) / w
         return abs(last - before) / max(abs(before), 1e-12)
 
-    def learner_settings(self, loss_kwargs: dict[str, Any]) -> dict[str, Any]:
-        """What the learner should use in this stage (only what the stage sets), loss kwargs merged."""
-        settings = self.settings
-        if settings is None:
-            return {}
-        out: dict[str, Any] = {"loss_kwargs": {**loss_kwargs, **settings.loss_kwargs}}
-        for key in ("lr", "grad_clip", "temperature", "normalizer"):
-            if getattr(settings, key) is not None:
-                out[key] = getattr(settings, key)
-        return out
+    def stage_settings(self, loss_kwargs: Mapping[str, Any]) -> StageSettings | None:
+        """What this stage sets, for the learner and the engines alike (None without a curriculum): its
+        budget, every setting the stage gives (unset: None, the run's own), and the policy loss's kwargs in
+        full, the stage's merged over the run's `loss_kwargs`."""
+        stage = self.settings
+        if stage is None:
+            return None
+        return StageSettings(
+            budget=stage.budget,
+            lr=stage.lr,
+            grad_clip=stage.grad_clip,
+            normalizer=stage.normalizer,
+            loss_kwargs={**loss_kwargs, **stage.loss_kwargs},
+            temperature=stage.temperature,
+            repetition_stop_tokens=stage.repetition_stop_tokens,
+        )
 
     def logged(self) -> dict[str, float]:
         """curriculum/stage, curriculum/budget and every value the current stage overrides."""

@@ -244,6 +244,10 @@ class PromptStream:
         self.cursor += n
         return groups
 
+    def group_at(self, index: int) -> PromptGroup:
+        """The group at position `index` of the stream (any position: the order is a function of it)."""
+        return self.make_group(index, self.dataset[self._row_at(index)])
+
     def make_group(self, index: int, row: dict[str, str]) -> PromptGroup:
         return PromptGroup(
             index=index,

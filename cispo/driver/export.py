@@ -12,8 +12,6 @@ written once and never overwritten on resume.
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -24,13 +22,13 @@ from cispo.driver.checkpoint import (
     MARKER,
     checkpoint_run_id,
     checkpoint_step,
+    hf_marker_files,
     latest_intact,
     load_plain,
     read_hf_marker,
     verify_checkpoint,
-    write_hf_marker,
 )
-from cispo.learner.torch_learner import WEIGHTS, unique_tensors
+from cispo.learner.hf_export import WEIGHTS, write_hf
 
 INIT_DIR = "policy_init"
 
@@ -44,30 +42,12 @@ def export_hf(
     step: int | None = None,
     run_id: str = "",
 ) -> Path:
-    """Writes `state_dict` as `out_dir/model.safetensors` next to `template_dir`'s config and tokenizer
-    files (and, given the step, the marker naming it). Written to a temporary sibling and renamed into
-    place, so `out_dir` is never half-written."""
-    from safetensors.torch import save_file
-
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for item in template_dir.iterdir():
-        if (
-            item.is_file()
-            and not item.name.endswith((".safetensors", ".bin"))
-            and item.name != "model.safetensors.index.json"
-        ):
-            shutil.copy2(item, tmp / item.name)
-    save_file(unique_tensors(state_dict), str(tmp / WEIGHTS), metadata={"format": "pt"})
-    if step is not None:
-        write_hf_marker(tmp, step, run_id)
-    old = out_dir.with_name(out_dir.name + ".old")
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    """Writes `state_dict` as safetensors in `out_dir` next to `template_dir`'s config and tokenizer files
+    (and, given the step, the marker naming it): cispo/learner/hf_export.py, the writer both learners'
+    `save_hf` use. Written to a temporary sibling and renamed into place, so `out_dir` is never
+    half-written."""
+    files = hf_marker_files(step, run_id) if step is not None else None
+    return write_hf(state_dict, template_dir, out_dir, files)
 
 
 def checkpoint_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:

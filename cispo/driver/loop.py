@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -31,15 +30,16 @@ from cispo.driver.checkpoint import (
     complete_checkpoints,
     find_resume_point,
     has_accuracy,
+    hf_marker_files,
     load_checkpoint,
     read_hf_marker,
     save_checkpoint,
-    write_hf_marker,
 )
 from cispo.driver.curriculum import LengthCurriculum
 from cispo.driver.data import load_splits
-from cispo.driver.export import HF_DIR, INIT_DIR, export_hf, policy_dir
+from cispo.driver.export import HF_DIR, INIT_DIR, policy_dir
 from cispo.driver.policy import builds_in_driver
+from cispo.driver.rollout_stage import rollout_stats
 from cispo.driver.tracking import plot_curves
 from cispo.driver.update import (
     NonFiniteGuard,
@@ -63,11 +63,10 @@ class Loop:
         self.generator = torch.Generator().manual_seed(seed)
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.zero_variance = zero_variance or ZeroVarianceGuard(0)
-        self.data_state: dict = {}
 
     def state(self, stages: Stages) -> dict:
         return {
-            "data": self.data_state,
+            "data": stages.rollout.state_dict(),  # the cursor, and the steps drawn ahead (scored)
             "curriculum": stages.curriculum.state_dict(),
             "last_eval": self.last_eval,
             "minibatch_rng": self.generator.get_state(),
@@ -77,15 +76,20 @@ class Loop:
         state = load_checkpoint(checkpoint, stages.learner)
         self.step, self.last_eval = state["step"], state["last_eval"]
         self.generator.set_state(state["minibatch_rng"])
-        stages.rollout.stream.load_state_dict(state["data"])
+        stages.rollout.load_state_dict(state["data"])
         stages.curriculum.load_state_dict(state["curriculum"])
         apply_stage(cfg, stages)
-        stages.rollout.sync_weights(stages.learner)
+        stages.rollout.sync_weights(stages.learner, self.step, force=True)
         stages.tracker.print(f"resumed from {checkpoint} at step {self.step}")
 
 
-def rollout(stages: Stages, step: int) -> tuple[list[Sample], dict[str, float]]:
-    return stages.rollout.collect(stages.curriculum.budget, stages.learner.version, step)
+def rollout(cfg: TrainConfig, stages: Stages, step: int) -> tuple[list[Sample], dict[str, float]]:
+    """Draws the steps up to step + max_staleness (their groups generate while the learner trains), then
+    waits for this step's batch."""
+    stages.rollout.schedule(step, stages.curriculum.budget, cfg.experiment.total_steps)
+    samples, metrics = stages.rollout.collect(step, stages.learner.version)
+    stages.tracker.log_batch(step, stages.rollout.last_batch)
+    return samples, metrics
 
 
 def learn(cfg: TrainConfig, stages: Stages, samples: list[Sample], loop: Loop) -> dict[str, float]:
@@ -97,7 +101,7 @@ def learn(cfg: TrainConfig, stages: Stages, samples: list[Sample], loop: Loop) -
     metrics.update(dict.fromkeys(train_keys(cfg.algorithm.loss), float("nan")))
     if batch is not None:
         metrics.update(update_policy(stages.learner, batch, cfg.algorithm, loop.generator, loop.nonfinite))
-        metrics["time/weight_sync_s"] = stages.rollout.sync_weights(stages.learner)
+    metrics["time/weight_sync_s"] = stages.rollout.sync_weights(stages.learner, loop.step)
     return metrics
 
 
@@ -113,7 +117,7 @@ def finish_step(
     step = loop.step
     if cfg.experiment.eval_every and step % cfg.experiment.eval_every == 0:
         metrics.update(evaluate(cfg, stages, loop))
-    if stages.curriculum.observe(metrics["response_length/p99"], metrics.get("rollout/perplexity", math.nan)):
+    if stages.curriculum.observe(rollout_stats(samples)):
         apply_stage(cfg, stages)
         stages.tracker.print(
             f"curriculum: step {step}, stage {stages.curriculum.stage} from the next step on: "
@@ -163,17 +167,14 @@ def final_checkpoint(cfg: TrainConfig, stages: Stages, loop: Loop) -> None:
 
 
 def apply_stage(cfg: TrainConfig, stages: Stages) -> None:
-    """The current curriculum stage's settings, to the learner (lr, grad clip, loss kwargs, temperature)
-    and to the rollout stage (temperature, repetition stop); a no-op without a curriculum."""
-    settings = stages.curriculum.settings
+    """The current curriculum stage's settings, one StageSettings handed to the learner (lr, grad clip,
+    normaliser, loss kwargs, temperature) and to the rollout stage (budget, temperature, repetition stop)
+    alike; a no-op without a curriculum."""
+    settings = stages.curriculum.stage_settings(cfg.algorithm.loss_kwargs)
     if settings is None:
         return
-    stages.learner.apply_settings(**stages.curriculum.learner_settings(cfg.algorithm.loss_kwargs))
-    overrides = {
-        "temperature": settings.temperature,
-        "repetition_stop_tokens": settings.repetition_stop_tokens,
-    }
-    stages.rollout.overrides = {k: v for k, v in overrides.items() if v is not None}
+    stages.learner.apply_settings(settings)
+    stages.rollout.apply_settings(settings)
 
 
 def evaluate(cfg: TrainConfig, stages: Stages, loop: Loop) -> dict[str, float]:
@@ -190,12 +191,9 @@ def export_policy(stages: Stages, loop: Loop) -> None:
     """The current policy in Hugging Face format under <run dir>/hf (replaced atomically), with the step
     and run id it holds (so cispo-export never replaces it with an older one)."""
     run_dir = stages.tracker.run_dir
-    if hasattr(stages.learner, "save_hf"):  # a learner on Ray ranks writes from rank 0
-        stages.learner.save_hf(run_dir / INIT_DIR, run_dir / HF_DIR)
-        write_hf_marker(run_dir / HF_DIR, loop.step, loop.run_id)
-    else:
-        weights = stages.learner.state_dict_for_sync()
-        export_hf(weights, run_dir / INIT_DIR, run_dir / HF_DIR, loop.step, loop.run_id)
+    # The marker goes in before the rename: the export and the step it names appear together.
+    marker = hf_marker_files(loop.step, loop.run_id)
+    stages.learner.save_hf(run_dir / INIT_DIR, run_dir / HF_DIR, marker)
 
 
 def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
@@ -269,32 +267,28 @@ def evaluate_only(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
 
 
 def run_loop(cfg: TrainConfig, stages: Stages, loop: Loop, info: dict[str, float]) -> None:
-    started, pool, pending = time.perf_counter(), ThreadPoolExecutor(max_workers=1), None
+    started = time.perf_counter()
     evaluating = bool(cfg.experiment.eval_every)
-    try:
-        if loop.step == 0 and evaluating:
+    if loop.step == 0:
+        # Step 0's weights: with steps drawn ahead (max_staleness > 0) an engine may have to load them
+        # back after an evaluation moved it on.
+        stages.rollout.sync_weights(stages.learner, 0, force=cfg.algorithm.max_staleness > 0)
+        if evaluating:
             stages.tracker.log(0, {**evaluate(cfg, stages, loop), **info})
-        while loop.step < cfg.experiment.total_steps:
-            loop.step += 1
-            tick = time.perf_counter()
-            samples, metrics = pending.result() if pending else rollout(stages, loop.step)
-            # One step off-policy: the next rollout runs on the workers while this batch trains. The data
-            # cursor from before it took its prompts is what a checkpoint keeps, so a resume redoes them.
-            loop.data_state = stages.rollout.stream.state_dict()
-            pending = pool.submit(rollout, stages, loop.step + 1) if cfg.algorithm.pipeline_one_step else None
-            metrics.update(learn(cfg, stages, samples, loop))
-            finish_step(cfg, stages, loop, samples, metrics, tick)
-            if cfg.experiment.max_time_s and time.perf_counter() - started > cfg.experiment.max_time_s:
-                stages.tracker.print(f"stopping at step {loop.step}: experiment.max_time_s reached")
-                break
-        _drain(pending)
-        # The last step's own evaluation, when it had one, is the final one: no second identical pass.
-        fresh = evaluating and loop.step % cfg.experiment.eval_every != 0
-        final = evaluate(cfg, stages, loop) if fresh else {"eval/accuracy": loop.last_eval, "eval/ran": 1}
-        final.update({"eval/final": 1, "system/driver_peak_rss_mb": driver_peak_rss_mb()})
-        stages.tracker.log(loop.step, final)
-    finally:
-        pool.shutdown(wait=True)
+    while loop.step < cfg.experiment.total_steps:
+        loop.step += 1
+        tick = time.perf_counter()
+        samples, metrics = rollout(cfg, stages, loop.step)
+        metrics.update(learn(cfg, stages, samples, loop))
+        finish_step(cfg, stages, loop, samples, metrics, tick)
+        if cfg.experiment.max_time_s and time.perf_counter() - started > cfg.experiment.max_time_s:
+            stages.tracker.print(f"stopping at step {loop.step}: experiment.max_time_s reached")
+            break
+    # The last step's own evaluation, when it had one, is the final one: no second identical pass.
+    fresh = evaluating and loop.step % cfg.experiment.eval_every != 0
+    final = evaluate(cfg, stages, loop) if fresh else {"eval/accuracy": loop.last_eval, "eval/ran": 1}
+    final.update({"eval/final": 1, "system/driver_peak_rss_mb": driver_peak_rss_mb()})
+    stages.tracker.log(loop.step, final)
 
 
 def driver_peak_rss_mb() -> float:
@@ -309,11 +303,6 @@ def driver_peak_rss_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _drain(pending: Future | None) -> None:
-    if pending is not None:
-        pending.result()  # let the in-flight rollout finish before the workers go away
 
 
 def _table_rows(samples: list[Sample], n: int) -> list[dict[str, object]]:

@@ -240,7 +240,7 @@ def plan_stage(
     read = sizing.decode_read_bytes(arch, r_setup, opts.prompt_tokens + budget / 2)  # mean live length
     floor_s = sizing.decode_bound_seconds(waves, budget, read, gpu)
     gen_time = max(generate_s, floor_s)
-    step_s = max(gen_time, train_s) if cfg.algorithm.pipeline_one_step else gen_time + train_s
+    step_s = max(gen_time, train_s) if cfg.algorithm.max_staleness else gen_time + train_s
     stage = StagePlan(
         budget, sequences, sequences * row, concurrent, waves, mbt, r_mem, l_mem, other, train_s,
         generate_s, floor_s, step_s,

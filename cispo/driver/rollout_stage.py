@@ -1,14 +1,23 @@
-"""The rollout stage: prompt stream -> rollout engines -> decoded, scored samples; and held-out evaluation.
+"""The rollout stage: prompt stream -> rollout stream -> scored groups -> a step's batch; and evaluation.
 
-It owns the data cursor (PromptStream), the rollout manager (Ray workers or an in-process engine), the
-reward scorer and the eval set. The loop asks it for a step's samples, for an evaluation, and to load new
-weights; nothing else touches the engines.
+It owns the data cursor (PromptStream), the generation stream over the engines (rollout/stream.py), the
+scoring thread and the eval set. The loop asks it to schedule steps, for a step's batch, for an evaluation
+and to sync weights; nothing else touches the engines.
+
+The schedule (algorithm.max_staleness = k). At the start of step s the groups of every step up to s + k are
+drawn from the data stream, each with the policy version its step is generated at: t - 1 - k for step t
+(never below 0). Generation runs ahead while the learner trains; each group is scored as soon as it is
+finished; step s's batch is its groups in data order (the order recorded with the batch), so which samples
+a step trains on, and the version they come from, depend on the schedule only, never on timing. With k = 0
+this is the synchronous loop. Dynamic sampling (DAPO) draws its extra rounds when the step's batch is
+taken, at the newest version. A checkpoint waits for the groups in flight and keeps them (scored), so a
+resumed run trains every prompt exactly once and, with `staleness_strategy=wait` and no partial rollouts,
+logs what the uninterrupted run did.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,11 +25,23 @@ from typing import Any
 import numpy as np
 
 from cispo.core.config import TrainConfig
-from cispo.core.types import PromptGroup, Sample, SamplingParams
+from cispo.core.stage import StageSettings
+from cispo.core.types import PromptGroup, RolloutStats, Sample, SamplingParams
 from cispo.driver.data import PromptStream
-from rewards.base import RewardInput
+from cispo.driver.scoring import (
+    ScoredGroup,
+    Scorer,
+    ScoringThread,
+    combine_group_metrics,
+    restore_sample,
+    sample_state,
+)
+from cispo.learner import Learner
 from rewards.registry import full_score
-from rewards.scorer import RewardScorer
+from rollout.stream import FinishedGroup, GenerationStream, GroupJob
+from rollout.tasks import RolloutBackend, per_group
+
+Key = tuple[str, int, int, int]  # (kind, step, round, index in the data stream or the eval set)
 
 
 @dataclass
@@ -32,37 +53,107 @@ class EvalResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass
+class StepPlan:
+    step: int
+    version: int
+    budget: int
+    rounds: list[list[Key]] = field(default_factory=list)
+
+
 class RolloutStage:
     def __init__(
         self,
         cfg: TrainConfig,
         tokenizer: Any,
-        manager: Any,
-        scorers: tuple[RewardScorer, RewardScorer],
+        manager: RolloutBackend | None,
+        scorers: tuple[Scorer, Scorer],
         stream: PromptStream | None,
         eval_set: list[PromptGroup],
     ) -> None:
         self.cfg, self.tokenizer, self.manager = cfg, tokenizer, manager
         # Training and evaluation score with separate scorers, so eval samples never enter the counters
-        # that the next training step reports (reward/errors, per-reward means, ...).
+        # of a training step.
         self.scorer, self.eval_scorer = scorers
         self.stream, self.eval_set = stream, eval_set
-        # What the current curriculum stage changes in sampling (temperature, repetition_stop_tokens).
-        self.overrides: dict[str, Any] = {}
-        # A sample earns "correct" in evaluation when every reward gives its best (the top of its declared
-        # range; a penalty's best is its 0).
+        self.settings: StageSettings | None = None  # the curriculum stage's (temperature, repetition stop)
+        # A sample earns "correct" in evaluation when every reward gives its best.
         self.full_reward = full_score(cfg.reward.rewards)
-        # With one-step pipelining a rollout runs in a background thread; eval must not interleave with it.
-        self.lock = threading.Lock()
+        self.k = cfg.algorithm.max_staleness
+        self.drop = cfg.rollout.staleness_strategy == "drop"
+        self.plans: dict[int, StepPlan] = {}
+        self.scheduled_through = 0
+        self.version = 0  # the newest version the engines can have
+        # step -> the learner version published at its end (step 0: the initial policy): the schedule's
+        # versions, and how token versions turn into staleness in steps.
+        self.published: dict[int, int] = {}
+        self._groups: dict[Key, PromptGroup] = {}
+        self._gen: GenerationStream | None = None
+        self._scoring: ScoringThread | None = None
+        self.dropped = 0
+
+    # ---------------------------------------------------------------------------------- plumbing
+    @property
+    def gen(self) -> GenerationStream:
+        if self._gen is None:
+            if self.manager is None:
+                raise RuntimeError("this rollout stage has no engines")
+            self._scoring = ScoringThread(self.tokenizer)
+            r = self.cfg.rollout
+            chunk = r.partial_chunk_tokens or max(1, r.max_new_tokens // 4)
+            self._gen = GenerationStream(self.manager, self._finished, r.partial, chunk)
+        return self._gen
+
+    @property
+    def scoring(self) -> ScoringThread:
+        _ = self.gen
+        assert self._scoring is not None
+        return self._scoring
+
+    def _finished(self, done: FinishedGroup) -> None:
+        """In the stream's thread: hand the job's groups to the scoring thread, with their keys and the
+        scorer their kind uses."""
+        kind, step, round_index, _ = done.key  # type: ignore[misc]
+        keys: list[Key] = [(kind, step, round_index, g.index) for g in done.groups]
+        per_group, rest = [], iter(done.samples)
+        for g in done.groups:
+            per_group.append([next(rest) for _ in range(g.group_size)])
+        self.scoring.put(keys, per_group, self.eval_scorer if kind == "eval" else self.scorer, done.chunks)
+
+    def _jobs(
+        self,
+        kind: str,
+        step: int,
+        round_index: int,
+        groups: list[PromptGroup],
+        params: SamplingParams,
+        version: int,
+        priority: float,
+        exact: bool = True,
+    ) -> list[GroupJob]:
+        """Consecutive groups, rollout.groups_per_task at a time (0: the groups split evenly over the
+        workers, one task each, as static shards batch best on an engine without continuous batching), one
+        job each, seeded by its first group: the split is fixed by the schedule, not by timing."""
+        slots = self.manager.num_slots if self.manager is not None else 1
+        size = self.cfg.rollout.groups_per_task or max(1, -(-len(groups) // slots))
+        jobs = []
+        for i in range(0, len(groups), size):
+            part = groups[i : i + size]
+            key: Key = (kind, step, round_index, part[0].index)
+            jobs.append(GroupJob(key, part, per_group(params, part[0].index), version, priority, exact=exact))
+        return jobs
+
+    def apply_settings(self, settings: StageSettings) -> None:
+        """The curriculum stage's sampling settings, from the next scheduled step on."""
+        self.settings = settings
 
     def sampling(self, budget: int, evaluation: bool = False, seed: int | None = None) -> SamplingParams:
-        """Training sampling, or evaluation sampling: greedy when rollout.eval_temperature is 0. `seed`
-        makes the call's random stream a function of (experiment seed, step, round): a resumed run
-        samples what the uninterrupted one did, whatever happened to the workers in between."""
-        r = self.cfg.rollout
+        """Training sampling, or evaluation sampling: greedy when rollout.eval_temperature is 0."""
+        r, s = self.cfg.rollout, self.settings
         greedy = evaluation and r.eval_temperature == 0
-        train_temperature = self.overrides.get("temperature", r.temperature)
+        train_temperature = s.temperature if s is not None and s.temperature is not None else r.temperature
         temperature = r.eval_temperature if evaluation and not greedy else train_temperature
+        stop = s.repetition_stop_tokens if s is not None and s.repetition_stop_tokens is not None else None
         return SamplingParams(
             max_new_tokens=budget,
             temperature=1.0 if greedy else temperature,
@@ -70,7 +161,7 @@ class RolloutStage:
             top_k=1 if greedy else r.top_k,  # top-k 1 is exact greedy decoding
             eos_token_ids=(self.tokenizer.eos_token_id,),
             pad_token_id=self.tokenizer.pad_token_id,
-            repetition_stop_tokens=self.overrides.get("repetition_stop_tokens", r.repetition_stop_tokens),
+            repetition_stop_tokens=r.repetition_stop_tokens if stop is None else stop,
             repetition_prob=r.repetition_prob,
             seed=seed,
         )
@@ -78,99 +169,244 @@ class RolloutStage:
     def seed(self, step: int, round_index: int, salt: int = 0) -> int:
         return ((self.cfg.experiment.seed * 1_000_003 + step) * 1_009 + round_index * 2 + salt) % 2**63
 
-    def score(self, samples: list[Sample], scorer: RewardScorer) -> None:
-        """Decodes and scores samples in place (response_text, reward, reward_reason)."""
-        for s in samples:
-            s.response_text = self.tokenizer.decode(s.response_ids, skip_special_tokens=True)
-        # response_length feeds length-aware rewards (DAPO's overlong penalty) in tokens, not characters.
-        inputs = [
-            RewardInput(
-                s.prompt_text,
-                s.response_text,
-                s.reference,
-                {**s.metadata, "response_length": len(s.response_ids)},
-            )
-            for s in samples
-        ]
-        for sample, result in zip(samples, scorer.score(inputs)):
-            sample.reward, sample.reward_reason = float(result.score), result.reason
-
-    def collect(self, budget: int, learner_version: int, step: int) -> tuple[list[Sample], dict[str, float]]:
-        """One step's scored samples. With dynamic sampling (DAPO), groups whose rewards are all equal are
-        replaced by fresh ones for up to `dynamic_sampling_rounds` extra rounds."""
+    # ---------------------------------------------------------------------------------- the schedule
+    def schedule(self, step: int, budget: int, total_steps: int) -> None:
+        """Draws the groups of every step up to step + k (+1 with staleness_strategy=drop) not drawn yet."""
         if self.stream is None:
             raise RuntimeError("this rollout stage was built for evaluation only (no prompt stream)")
-        algo, wanted = self.cfg.algorithm, self.cfg.data.prompts_per_step
-        start, kept, seen = time.perf_counter(), [], []
-        for round_index in range(algo.dynamic_sampling_rounds + 1):
-            with self.lock:
-                groups = self.stream.next_groups(wanted - len(kept) // algo.group_size)
-                samples = self.manager.generate(
-                    groups, self.sampling(budget, seed=self.seed(step, round_index))
-                )
-                self.score(samples, self.scorer)
-            seen.extend(samples)
-            last_round = round_index == algo.dynamic_sampling_rounds
-            for i in range(0, len(samples), algo.group_size):
-                group = samples[i : i + algo.group_size]
-                if last_round or len({s.reward for s in group}) > 1:
-                    kept.extend(group)
-            if len(kept) >= wanted * algo.group_size:
-                break
-        metrics = rollout_metrics(seen, kept, learner_version)
-        metrics.update(self.scorer.metrics())
-        timings = getattr(self.manager, "last_timings", {})
-        for key in ("timeouts_total", "restarts_total"):  # worker health over the run, from the manager
-            if key in timings:
-                metrics[f"rollout/worker_{key}"] = float(timings[key])
-        metrics["time/rollout_s"] = time.perf_counter() - start
-        return kept, metrics
+        last = min(total_steps, step + self.k + (1 if self.drop and self.k else 0))
+        for t in range(max(step, self.scheduled_through + 1), last + 1):
+            self.plans[t] = StepPlan(t, self._version_after(t - 1 - self.k), budget)
+            self._draw(
+                t, 0, self.cfg.data.prompts_per_step, budget, self.plans[t].version, exact=not self.drop
+            )
+            self.scheduled_through = t
 
+    def _draw(
+        self, step: int, round_index: int, n: int, budget: int, version: int, exact: bool = True
+    ) -> None:
+        assert self.stream is not None
+        params = self.sampling(budget, seed=self.seed(step, round_index))
+        groups = self.stream.next_groups(n)
+        keys: list[Key] = [("train", step, round_index, g.index) for g in groups]
+        self._groups.update(zip(keys, groups))
+        self.plans[step].rounds.append(keys)
+        jobs = self._jobs("train", step, round_index, groups, params, version if exact else 0, step, exact)
+        self.gen.add(jobs)
+
+    def _version_after(self, step: int) -> int:
+        """The version published at the end of `step` (the oldest one known, for a step before it)."""
+        if step in self.published:
+            return self.published[step]
+        return self.published[min(self.published)] if self.published else self.version
+
+    def staleness(self, sample: Sample, step: int) -> int:
+        """How many weight syncs older than the learner's (at `step`) the sample's oldest token is: the
+        versions published since its own, up to the end of step - 1. Counted by version, not by step: a
+        step that trained nothing (no group had signal) leaves the weights, and the samples' age, as they
+        were."""
+        newer = {v for t, v in self.published.items() if t <= step - 1 and v > sample.policy_version}
+        return len(newer)
+
+    def collect(self, step: int, learner_version: int) -> tuple[list[Sample], dict[str, float]]:
+        """Step `step`'s scored batch (waiting for it). With dynamic sampling (DAPO), groups whose rewards
+        are all equal are replaced by fresh ones for up to `dynamic_sampling_rounds` extra rounds."""
+        algo, wanted = self.cfg.algorithm, self.cfg.data.prompts_per_step
+        plan, start = self.plans[step], time.perf_counter()
+        kept: list[ScoredGroup] = []
+        seen: list[ScoredGroup] = []
+        for round_index in range(algo.dynamic_sampling_rounds + 1):
+            if round_index > 0:  # refills, drawn now, at the newest version
+                self._draw(step, round_index, wanted - len(kept), plan.budget, learner_version)
+            scored = self._take(plan.rounds[round_index], learner_version, plan.budget)
+            seen += scored
+            last = round_index == algo.dynamic_sampling_rounds
+            kept += [g for g in scored if last or len({s.reward for s in g.samples}) > 1]
+            if len(kept) >= wanted:
+                break
+        waited = time.perf_counter() - start
+        del self.plans[step]
+        samples = [s for g in kept for s in g.samples]
+        metrics = rollout_metrics([s for g in seen for s in g.samples], samples, learner_version)
+        metrics.update(combine_group_metrics([g.metrics for g in seen]))
+        metrics.update(self._stream_metrics(samples, step, waited))
+        metrics["rollout/groups"] = float(len(kept))
+        self.last_batch = [int(g.key[3]) for g in kept]  # type: ignore[index]
+        return samples, metrics
+
+    def _take(self, keys: list[Key], learner_version: int, budget: int) -> list[ScoredGroup]:
+        """The scored groups of `keys`, in order; with staleness_strategy=drop, one staler than the bound
+        is generated again at the newest version and waited for."""
+        groups = self.scoring.take(list(keys), alive=self._alive)
+        stale = [i for i, g in enumerate(groups) if self.drop and self._too_stale(g)]
+        if stale:
+            self.dropped += len(stale)
+            step = int(groups[stale[0]].key[1])  # type: ignore[index]
+            redo = [self._groups[groups[i].key] for i in stale]  # type: ignore[index]
+            params = self.sampling(budget, seed=self.seed(step, 0, salt=2))
+            # Keys stay the groups' own: the regenerated groups replace the dropped ones in place.
+            jobs = self._jobs(
+                "train", step, int(groups[stale[0]].key[2]), redo, params, learner_version, -0.5
+            )  # type: ignore[index]
+            self.gen.add(jobs)
+            again = self.scoring.take([groups[i].key for i in stale], alive=self._alive)
+            for i, group in zip(stale, again, strict=True):
+                groups[i] = group
+        for key in keys:
+            self._groups.pop(key, None)
+        return groups
+
+    def _too_stale(self, group: ScoredGroup) -> bool:
+        return max(self.staleness(s, int(group.key[1])) for s in group.samples) > self.k  # type: ignore[index]
+
+    def _alive(self) -> None:
+        self.gen.depth()  # raises when the stream stopped
+
+    def _stream_metrics(self, samples: list[Sample], step: int, waited: float) -> dict[str, float]:
+        staleness = [self.staleness(s, step) for s in samples] or [0]
+        out = {
+            "rollout/staleness_mean": float(np.mean(staleness)),
+            "rollout/staleness_max": float(max(staleness)),
+            "rollout/partial_frac": sum(bool(s.token_versions) for s in samples) / max(1, len(samples)),
+            "throughput/queue_depth": float(self.gen.depth()),  # timing: how far generation ran ahead
+            "rollout/stale_dropped": float(self.dropped),
+            "time/learner_wait_s": waited,
+            "time/rollout_s": waited,
+        }
+        self.dropped = 0
+        out.update(self.gen.stats.take())
+        events = self.gen.call(self.manager.take_events) if self.manager is not None else {}
+        for key in ("timeouts_total", "restarts_total"):  # worker health over the run
+            if key in events:
+                out[f"rollout/worker_{key}"] = float(events[key])
+        return out
+
+    # ---------------------------------------------------------------------------------- evaluation
     def evaluate(self, budget: int, step: int = 0) -> EvalResult:
-        """Held-out accuracy: the fraction of responses that earn the full reward."""
+        """Held-out accuracy at the newest version: the fraction of responses that earn the full reward."""
         if not self.eval_set:
             return EvalResult(float("nan"))
-        with self.lock:
-            params = self.sampling(budget, evaluation=True, seed=self.seed(step, 0, salt=1))
-            samples = self.manager.generate(self.eval_set, params)
-            self.score(samples, self.eval_scorer)
+        params = self.sampling(budget, evaluation=True, seed=self.seed(step, 0, salt=1))
+        keys: list[Key] = [("eval", step, 0, g.index) for g in self.eval_set]
+        self.gen.add(self._jobs("eval", step, 0, self.eval_set, params, self.version, -1.0))
+        scored = self.scoring.take(list(keys), alive=self._alive)
+        samples = [s for g in scored for s in g.samples]
         accuracy = sum(s.reward >= self.full_reward - 1e-6 for s in samples) / len(samples)
-        metrics = {f"eval/{key}": value for key, value in self.eval_scorer.metrics().items()}
+        metrics = {f"eval/{k}": v for k, v in combine_group_metrics([g.metrics for g in scored]).items()}
         return EvalResult(accuracy, samples, metrics)
 
+    # ---------------------------------------------------------------------------------- weights
     def load_weights(self, weights: dict[str, Any], version: int) -> float:
-        """New policy weights to every engine; returns the seconds it took."""
-        return self.manager.update_weights(weights, version)
+        """Loads `weights` into every engine now, as `version` (even one they hold: the warm start's judge
+        reloads version 0 as it trains); returns the seconds it took."""
+        assert self.manager is not None
+        manager = self.manager
+        seconds = float(self.gen.call(lambda: manager.update_weights(weights, version)))
+        self.version = version
+        return seconds
 
-    def sync_weights(self, learner: Any) -> float:
-        """The learner's current weights to every engine: straight from its rank 0 over the weight
-        channel when the manager was built for that, else as a state dict through this process."""
-        if getattr(self.manager, "broadcasts", False):
-            return self.manager.broadcast_weights(learner.version)
-        return self.load_weights(learner.state_dict_for_sync(), learner.version)
+    def sync_weights(self, learner: Learner, step: int, force: bool = False) -> float:
+        """The learner's weights at the end of `step` to the engines (nothing to send when they did not
+        change, unless `force`): straight from its rank 0 over the weight channel (every engine idle, jobs
+        for older versions first) when the manager was built for that, else published through the object
+        store for each engine to load before the task that needs them. Returns the seconds it took."""
+        start = time.perf_counter()
+        changed = force or learner.version != self.version
+        self.published[step] = learner.version
+        if changed and self.manager is not None and self.manager.broadcasts:
+            self.gen.broadcast(learner.version)
+        elif changed:
+            self.gen.publish(learner.state_dict_for_sync(), learner.version)
+        self.version = learner.version
+        # The steps drawn ahead need the versions from the end of step - k on: older copies may go.
+        keep = self._version_after(step - self.k)
+        if not (self.manager is not None and self.manager.broadcasts):
+            self.gen.release(keep)
+        for old in [t for t in self.published if t < step - self.k - 1]:
+            del self.published[old]
+        return time.perf_counter() - start
+
+    # ---------------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The data cursor and every step drawn ahead, with its groups scored (waiting for those in
+        flight): what a resumed run needs to train each prompt exactly once, as the uninterrupted run."""
+        assert self.stream is not None
+        keys = [k for plan in self.plans.values() for rnd in plan.rounds for k in rnd]
+        scored = self.scoring.take(keys, alive=self._alive) if keys else []
+        for group in scored:
+            self.scoring.add_scored(group)  # still this run's: put back
+        return {
+            **self.stream.state_dict(),
+            "scheduled_through": self.scheduled_through,
+            "published": [[t, v] for t, v in sorted(self.published.items())],
+            "plans": [
+                {"step": p.step, "version": p.version, "budget": p.budget} for p in self.plans.values()
+            ],
+            "groups": [
+                {
+                    "key": list(g.key),
+                    "chunks": g.chunks,
+                    "metrics": dict(g.metrics),
+                    "samples": [sample_state(s) for s in g.samples],
+                }
+                for g in scored
+            ],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        assert self.stream is not None
+        self.stream.load_state_dict({"cursor": state["cursor"]})
+        self.scheduled_through = int(state.get("scheduled_through", 0))
+        self.published = {int(t): int(v) for t, v in state.get("published", [])}
+        for p in state.get("plans", []):
+            self.plans[p["step"]] = StepPlan(int(p["step"]), int(p["version"]), int(p["budget"]))
+        for g in state.get("groups", []):
+            key: Key = (str(g["key"][0]), int(g["key"][1]), int(g["key"][2]), int(g["key"][3]))
+            group = self.stream.group_at(key[3])
+            plan = self.plans[key[1]]
+            while len(plan.rounds) <= key[2]:
+                plan.rounds.append([])
+            plan.rounds[key[2]].append(key)
+            self._groups[key] = group
+            samples = [restore_sample(group, s) for s in g["samples"]]
+            self.scoring.add_scored(ScoredGroup(key, samples, dict(g["metrics"]), int(g["chunks"])))
 
     def close(self) -> None:
-        self.manager.shutdown()
-        self.scorer.close()
-        if self.eval_scorer is not self.scorer:
-            self.eval_scorer.close()
+        if self._gen is not None:
+            self._gen.close()
+        if self._scoring is not None:
+            self._scoring.close()
+        if self.manager is not None:
+            self.manager.shutdown()
+        for scorer in {id(s): s for s in (self.scorer, self.eval_scorer) if s is not None}.values():
+            scorer.close()
+
+
+def rollout_stats(kept: list[Sample]) -> RolloutStats:
+    """What the curriculum reads of a step's batch: response lengths and the generation perplexity, exp of
+    the mean negative behaviour log-prob per sampled token (its convergence signal)."""
+    lengths = np.array([len(s.response_ids) for s in kept], dtype=np.float64)
+    tokens = sum(len(s.behaviour_logprobs) for s in kept)
+    nll = -sum(sum(s.behaviour_logprobs) for s in kept) / tokens if tokens else float("nan")
+    return RolloutStats(
+        p99_length=float(np.percentile(lengths, 99)),
+        perplexity=math.exp(nll) if math.isfinite(nll) else float("nan"),
+        mean_length=float(lengths.mean()),
+        max_length=float(lengths.max()),
+    )
 
 
 def rollout_metrics(seen: list[Sample], kept: list[Sample], learner_version: int) -> dict[str, float]:
-    lengths = np.array([len(s.response_ids) for s in kept], dtype=np.float64)
-    tokens = sum(len(s.behaviour_logprobs) for s in kept)
-    # Generation perplexity: exp of the mean negative behaviour log-prob per sampled token (the
-    # curriculum's convergence signal).
-    nll = -sum(sum(s.behaviour_logprobs) for s in kept) / tokens if tokens else float("nan")
+    stats = rollout_stats(kept)
     rewards = np.array([s.reward for s in kept], dtype=np.float64)
     reasons = [s.finish_reason for s in kept]
     return {
         "reward/mean": float(rewards.mean()),
         "reward/std": float(rewards.std()),
-        "response_length/mean": float(lengths.mean()),
-        "response_length/p99": float(np.percentile(lengths, 99)),
-        "response_length/max": float(lengths.max()),
-        "rollout/perplexity": math.exp(nll) if math.isfinite(nll) else float("nan"),
+        "response_length/mean": stats.mean_length,
+        "response_length/p99": stats.p99_length,
+        "response_length/max": stats.max_length,
+        "rollout/perplexity": stats.perplexity,
         "rollout/finish_eos": reasons.count("eos") / len(kept),
         "rollout/finish_length": reasons.count("length") / len(kept),
         "rollout/finish_repetition": reasons.count("repetition") / len(kept),

@@ -83,7 +83,7 @@ class Tracker:
         dropped = 0
         if resumed and resume_step is not None:
             dropped = truncate_after(run_dir / "metrics.jsonl", resume_step)
-            for name in ("samples.jsonl", "eval_samples.jsonl"):
+            for name in ("samples.jsonl", "eval_samples.jsonl", "batches.jsonl"):
                 truncate_after(run_dir / name, resume_step)
         self._file = self.metrics_path.open("a" if resumed else "w")
         # What the run says (stage messages, progress lines) also goes here, terminal or not.
@@ -153,6 +153,11 @@ class Tracker:
                 f"{metrics.get('throughput/tokens_per_s', 0):,.0f} tok/s"
             )
             self.progress.update(self.task, completed=step, status=status)
+
+    def log_batch(self, step: int, groups: list[int]) -> None:
+        """The data-stream indices of the groups a step trained on, in the batch's order (batches.jsonl)."""
+        with (self.run_dir / "batches.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, "groups": groups}) + "\n")
 
     def log_samples(self, step: int, rows: list[dict[str, Any]], table: str = "samples") -> None:
         """A W&B table of completions (and a JSONL copy next to the metrics): training samples in

@@ -26,7 +26,7 @@ from cispo.algo.advantages import get_advantage
 from cispo.algo.losses import get_policy_loss
 from cispo.core.config import TrainConfig
 from cispo.core.registry import is_file_path
-from cispo.learner import LEARNERS
+from cispo.learner import learner_backend
 from rewards.registry import load_reward
 from rollout.engine import ENGINES
 
@@ -125,7 +125,7 @@ BACKEND_KEYS: dict[tuple[str, str], tuple[str, ...]] = {
 
 def _backend_kinds(cfg: TrainConfig) -> dict[str, tuple[str, str]]:
     """Each section's backend kind, and how the user chose it (for messages)."""
-    ranked = bool(getattr(LEARNERS.get(cfg.learner.backend), "ray_ranks", False))
+    ranked = learner_backend(cfg.learner.backend).ray_ranks
     return {
         "learner": ("ranked" if ranked else "in-process", f"learner.backend={cfg.learner.backend!r}"),
         "rollout": (cfg.rollout.backend, f"rollout.backend={cfg.rollout.backend!r}"),
@@ -164,7 +164,7 @@ def check_plugins(cfg: TrainConfig) -> None:
         check_clip_bounds(stage.loss_kwargs, key)
     advantage = _resolve("algorithm.advantage", get_advantage, algo.advantage)
     check_kwargs(advantage, algo.advantage_kwargs, "algorithm.advantage_kwargs", skip=2)
-    learner = _resolve("learner.backend", LEARNERS.get, cfg.learner.backend)
+    learner = _resolve("learner.backend", learner_backend, cfg.learner.backend)
     if hasattr(learner, "check_config"):
         try:
             learner.check_config(cfg.learner)
@@ -185,7 +185,7 @@ def check_placement(cfg: TrainConfig) -> None:
     (DeepSpeed: one GPU per rank), cluster.rollout_gpus is rollout.num_workers x num_gpus_per_worker, and a
     vLLM tensor-parallel size given in the engine kwargs spans exactly the GPUs of its worker."""
     cluster, rollout, learner = cfg.cluster, cfg.rollout, cfg.learner
-    ranked = bool(getattr(LEARNERS.get(learner.backend), "ray_ranks", False))  # resolved by check_plugins
+    ranked = learner_backend(learner.backend).ray_ranks  # resolved by check_plugins
     if cluster.weight_sync == "broadcast" and not (ranked and rollout.backend == "ray"):
         raise _fail(
             "cluster.weight_sync",

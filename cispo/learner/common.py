@@ -45,6 +45,12 @@ def set_base_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None
         group["lr"] = lr * factor(scheduler.last_epoch)
 
 
+def current_lr(scheduler: torch.optim.lr_scheduler.LRScheduler) -> float:
+    """The lr the next optimizer step uses. Not get_last_lr(): that keeps the value from before a
+    set_base_lr until the scheduler next steps, so a stage's new lr would be logged one step late."""
+    return float(scheduler.optimizer.param_groups[0]["lr"])
+
+
 FUSED_DEVICES = ("cpu", "cuda")
 
 

@@ -7,7 +7,7 @@ actor (cispo/learner/deepspeed_rank.py) owning one DeepSpeed engine:
                             total_steps=cfg.experiment.total_steps, temperature=cfg.rollout.temperature)
     result = learner.train_step(minibatch)             # StepResult: one optimizer step over all ranks
     results = learner.train_steps(minibatches)         # K steps, one request per rank, one StepResult each
-    learner.send_weights(...) / learner.save_hf(...)   # weights leave from rank 0, never via the driver
+    learner.weight_source() / learner.save_hf(...)     # weights leave from rank 0, never via the driver
     learner.close()
 
 Placement: one Ray placement group with a bundle per rank ({"CPU": cpus_per_rank}, plus {"GPU": 1} on GPU
@@ -41,7 +41,8 @@ deepspeed.zero.Init and each rank loads only its shards. A randomly initialised 
 zero.Init leaves its router and expert weights unset (NaN loss): tests/learner/test_deepspeed_learner.py
 shows it; loading every weight from a checkpoint does not have that problem.
 
-Weights out: the facade is the rollout side's WeightSource (rollout/weight_sync.py): rank 0 joins a weight
+Weights out: the facade is its own WeightSource (cispo/core/weight_channel.py, driven by the rollout side's
+BroadcastWeightSync; `weight_source()` returns it): rank 0 joins a weight
 group with the engines and broadcasts bucket by bucket, ranks gathering each ZeRO-3 bucket together.
 state_dict_for_sync() / iter_weights_for_sync() bring a full copy to the caller (tests, the torch-style
 object-store path); they refuse in a driver that set CISPO_DRIVER_REFUSES_WEIGHTS=1.
@@ -51,7 +52,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +61,16 @@ from torch import nn
 
 from cispo.algo.losses import normalization_weights
 from cispo.core.config import AlgorithmConfig, LearnerConfig
-from cispo.core.placement import in_bundle, make_placement_group
+from cispo.core.placement import PlacementEntry, in_bundle, make_placement_group
+from cispo.core.stage import StageSettings
+from cispo.core.supervisor import RayTransport, SlotPolicy, Supervisor
 from cispo.core.types import StepResult, TrainBatch
-from cispo.core.weight_channel import TensorMeta, refuse_weights_here
+from cispo.core.weight_channel import TensorMeta, WeightSource, refuse_weights_here
 from cispo.learner import register_learner
 from cispo.learner.common import StepParts, wants_packing
 from cispo.learner.deepspeed_rank import DeepSpeedRank
+from cispo.learner.hf_export import SHARD_BYTES
 from cispo.learner.micro_batches import Plan, plan_micro_batches
-
-SHARD_BYTES = 4 * 2**30
 
 
 def _dummy(batch: TrainBatch) -> TrainBatch:
@@ -116,10 +118,10 @@ class DeepSpeedLearner:
                 include_dashboard=False,
                 _temp_dir=f"/tmp/ray_cispo_{os.getpid()}",
             )
-        self.ranks, self._pg = self._place(
+        self._sup, self._pg = self._place(
             placement_strategy, cpus_per_rank, gpus_per_rank, threads_per_rank, start_timeout_s
         )
-        host, port = ray.get(self.ranks[0].free_port.remote(), timeout=start_timeout_s)
+        host, port = self._call(lambda _i, r: r.free_port.remote(), "free_port", start_timeout_s, [0])[0]
         init = ray.put(
             {
                 "model": model,
@@ -133,7 +135,7 @@ class DeepSpeedLearner:
             }
         )
         self._all("setup", (host, port, init), timeout_s=start_timeout_s)
-        self.placement = [
+        self.placement: list[PlacementEntry] = [
             {"role": "learner", "rank": rank, **where}
             for rank, where in enumerate(self._all("node", timeout_s=start_timeout_s))
         ]
@@ -148,60 +150,57 @@ class DeepSpeedLearner:
 
     def _place(
         self, strategy: str, cpus: float, gpus: float, threads: int, timeout_s: float
-    ) -> tuple[list[Any], Any]:
-        """A placement group of one bundle per rank, then one DeepSpeedRank actor in each bundle."""
-        import ray
-
+    ) -> tuple[Supervisor[Any, None], Any]:
+        """A placement group of one bundle per rank, then one DeepSpeedRank actor in each bundle, as slots
+        of a supervisor: up within `timeout_s`, and never restarted (a rank cannot rejoin its collective:
+        the first failure closes the learner)."""
         group = make_placement_group("learner", self.world, cpus, gpus, strategy, timeout_s)
         env = {"OMP_NUM_THREADS": str(threads)}
         env["TORCH_EXTENSIONS_DIR"] = os.environ.get(
             "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "cispo" / "torch_extensions")
         )
-        actor = ray.remote(DeepSpeedRank)
-        ranks = [
-            actor.options(
-                num_cpus=cpus,
-                num_gpus=gpus,
-                max_restarts=0,
-                runtime_env={"env_vars": env},
-                scheduling_strategy=in_bundle(group, i),
-            ).remote(i, self.world, threads)
-            for i in range(self.world)
-        ]
-        return ranks, group
+        transport = RayTransport(
+            DeepSpeedRank,
+            lambda rank: (rank, self.world, threads),
+            {"num_cpus": cpus, "num_gpus": gpus, "runtime_env": {"env_vars": env}},
+            lambda rank: {"scheduling_strategy": in_bundle(group, rank)},
+        )
+        policy = SlotPolicy("learner rank", timeout_s, max_restarts=0, keys="learner")
+        supervisor: Supervisor[Any, None] = Supervisor(transport, policy, self.world)
+        try:
+            supervisor.start()
+        except RuntimeError:
+            from ray.util.placement_group import remove_placement_group
 
-    def _wait(self, refs: list[Any], timeout_s: float | None = None) -> list[Any]:
-        """Every rank's reply. One rank failing leaves the others blocked in a collective, so the first
-        failure closes the learner and raises, naming the rank."""
-        import ray
-        from ray.exceptions import RayActorError
+            remove_placement_group(group)
+            raise
+        return supervisor, group
 
-        index = {ref: rank for rank, ref in enumerate(refs)}
-        pending = list(refs)
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1, timeout=timeout_s)
-            if not done:
-                self.close(force=True)
-                raise RuntimeError(
-                    f"deepspeed learner: no answer within {timeout_s:g} s; the learner is closed"
-                )
-            try:
-                ray.get(done[0])
-            except RayActorError as err:
-                self.close(force=True)
-                raise RuntimeError(f"learner rank {index[done[0]]} died: {err}") from err
-            except Exception as err:
-                self.close(force=True)
-                raise RuntimeError(
-                    f"deepspeed learner failed on rank {index[done[0]]}; the learner is closed.\n{err}"
-                ) from err
-        return ray.get(refs)
+    @property
+    def ranks(self) -> list[Any]:
+        sup = getattr(self, "_sup", None)
+        return sup.handles if sup is not None else []
+
+    def _call(
+        self,
+        call: Callable[[int, Any], Any],
+        what: str,
+        timeout_s: float | None = None,
+        ranks: Sequence[int] | None = None,
+    ) -> list[Any]:
+        """Every rank's (or `ranks`') reply. One rank failing leaves the others blocked in a collective, so
+        the first failure (death, error, no answer within `timeout_s`) closes the learner and raises."""
+        try:
+            return self._sup.call_each(call, timeout_s, what, ranks)
+        except RuntimeError as err:
+            self.close(force=True)
+            raise RuntimeError(f"deepspeed learner: {err}; the learner is closed") from err
 
     def _all(self, method: str, args: tuple = (), timeout_s: float | None = None) -> list[Any]:
-        return self._wait([getattr(r, method).remote(*args) for r in self.ranks], timeout_s)
+        return self._call(lambda _i, rank: getattr(rank, method).remote(*args), method, timeout_s)
 
     def _each(self, method: str, per_rank: list[tuple]) -> list[Any]:
-        return self._wait([getattr(r, method).remote(*a) for r, a in zip(self.ranks, per_rank)])
+        return self._call(lambda i, rank: getattr(rank, method).remote(*per_rank[i]), method)
 
     def train_step(self, batch: TrainBatch, return_logprobs: bool = False) -> StepResult:
         """One optimizer step on one minibatch over all ranks (see the module docstring)."""
@@ -270,13 +269,16 @@ class DeepSpeedLearner:
         requests = [([_dummy(batch) if rows is None else batch.select(rows) for rows in p],) for p in plan]
         return self._scatter(batch, plan, self._each("logprobs", requests))
 
-    # Weights out. WeightSource for the rollout side's BroadcastWeightSync: calls that run on the ranks
-    # return refs, so the sync waits on the learner and the engines together.
+    # Weights out. This facade is the WeightSource of the rollout side's BroadcastWeightSync: calls that run
+    # on the ranks return refs, so the sync waits on the learner and the engines together.
+    def weight_source(self) -> WeightSource:
+        return self
+
     def weight_metas(self) -> list[TensorMeta]:
-        return self._wait([self.ranks[0].weight_metas.remote()])[0]
+        return self._call(lambda _i, rank: rank.weight_metas.remote(), "weight_metas", None, [0])[0]
 
     def weight_group_address(self) -> tuple[str, int]:
-        return self._wait([self.ranks[0].free_port.remote()])[0]
+        return self._call(lambda _i, rank: rank.free_port.remote(), "free_port", None, [0])[0]
 
     def join_weight_group(self, host: str, port: int, world_size: int, backend: str) -> list[Any]:
         return [self.ranks[0].join_weight_group.remote(host, port, world_size, backend)]
@@ -296,17 +298,23 @@ class DeepSpeedLearner:
     def state_dict_for_sync(self) -> dict[str, torch.Tensor]:
         return dict(self.iter_weights_for_sync())
 
-    def save_hf(self, template_dir: str | Path, out_dir: str | Path, shard_bytes: int = SHARD_BYTES) -> None:
-        """Rank 0 writes the weights in Hugging Face format (see RankWeights.save_hf)."""
-        self._all("save_hf", (str(template_dir), str(out_dir), shard_bytes))
+    def save_hf(
+        self,
+        template_dir: str | Path,
+        out_dir: str | Path,
+        files: Mapping[str, str] | None = None,
+        shard_bytes: int = SHARD_BYTES,
+    ) -> None:
+        """Rank 0 writes the weights in Hugging Face format, with `files` (see RankWeights.save_hf)."""
+        self._all("save_hf", (str(template_dir), str(out_dir), shard_bytes, dict(files or {})))
 
-    def apply_settings(self, **settings) -> None:
+    def apply_settings(self, settings: StageSettings) -> None:
         """A curriculum stage's settings on every rank, from the next train_step on (the normaliser here:
         this facade computes the token weights)."""
-        if settings.get("normalizer") is not None:
-            self.algorithm = dataclasses.replace(self.algorithm, normalizer=settings["normalizer"])
-        if settings.get("loss_kwargs") is not None:
-            self.algorithm = dataclasses.replace(self.algorithm, loss_kwargs=dict(settings["loss_kwargs"]))
+        if settings.normalizer is not None:
+            self.algorithm = dataclasses.replace(self.algorithm, normalizer=settings.normalizer)
+        if settings.loss_kwargs is not None:
+            self.algorithm = dataclasses.replace(self.algorithm, loss_kwargs=dict(settings.loss_kwargs))
         self._all("apply_settings", (settings,))
 
     def weights_finite(self) -> bool:
@@ -323,9 +331,9 @@ class DeepSpeedLearner:
         import ray
         from ray.util.placement_group import remove_placement_group
 
-        for rank in getattr(self, "ranks", []):
-            ray.kill(rank, no_restart=True)
-        self.ranks = []
+        sup = getattr(self, "_sup", None)
+        if sup is not None:
+            sup.shutdown()  # kills every rank
         if getattr(self, "_pg", None) is not None:
             remove_placement_group(self._pg)
             self._pg = None

@@ -31,10 +31,12 @@ from torch import Tensor, nn
 
 from cispo.algo.losses import get_policy_loss
 from cispo.core.config import AlgorithmConfig, LearnerConfig
+from cispo.core.stage import StageSettings
 from cispo.core.types import TrainBatch
 from cispo.learner.common import (
     StepParts,
     build_optimizer,
+    current_lr,
     lr_lambda,
     micro_batch_loss,
     moe_context,
@@ -113,6 +115,9 @@ class DeepSpeedRank:
         torch.set_num_threads(max(1, threads))
         self.engine: Any = None
 
+    def ready(self) -> int:
+        return os.getpid()
+
     def node(self) -> dict[str, Any]:
         """Where this rank runs (for placement.json)."""
         import ray
@@ -179,7 +184,7 @@ class DeepSpeedRank:
         self.engine.train()
         step = StepParts()
         seen = []
-        lr = self.scheduler.get_last_lr()[0]
+        lr = current_lr(self.scheduler)
         for part, weights, share, dummy in parts:
             part = _to(part, self.device)
             # The backward inside the replay too: gradient checkpointing recomputes the forward there, and
@@ -219,20 +224,20 @@ class DeepSpeedRank:
         """train() on each minibatch's micro-batches in order: K optimizer steps in one request."""
         return [self.train(parts, flag) for parts, flag in zip(minibatches, return_logprobs, strict=True)]
 
-    def apply_settings(self, settings: dict) -> None:
+    def apply_settings(self, settings: StageSettings) -> None:
         """A curriculum stage's settings (see TorchLearner.apply_settings), on this rank."""
-        if settings.get("lr") is not None:
-            set_base_lr(self.scheduler, settings["lr"])
-        if settings.get("grad_clip") is not None:
-            self.cfg = dataclasses.replace(self.cfg, grad_clip=settings["grad_clip"])
+        if settings.lr is not None:
+            set_base_lr(self.scheduler, settings.lr)
+        if settings.grad_clip is not None:
+            self.cfg = dataclasses.replace(self.cfg, grad_clip=settings.grad_clip)
             # DeepSpeed reads the clip from its config in the engine and keeps a copy in the ZeRO optimizer.
-            self.engine._config.gradient_clipping = settings["grad_clip"]
+            self.engine._config.gradient_clipping = settings.grad_clip
             if hasattr(self.engine.optimizer, "clip_grad"):
-                self.engine.optimizer.clip_grad = settings["grad_clip"]
-        if settings.get("loss_kwargs") is not None:
-            self.algorithm = dataclasses.replace(self.algorithm, loss_kwargs=dict(settings["loss_kwargs"]))
-        if settings.get("temperature") is not None:
-            self.module.temperature = settings["temperature"]
+                self.engine.optimizer.clip_grad = settings.grad_clip
+        if settings.loss_kwargs is not None:
+            self.algorithm = dataclasses.replace(self.algorithm, loss_kwargs=dict(settings.loss_kwargs))
+        if settings.temperature is not None:
+            self.module.temperature = settings.temperature
 
     def weights_finite(self) -> bool:
         """This rank's share of the weights (its ZeRO-3 partition, or the full ZeRO-2 copy) is finite."""
@@ -270,8 +275,8 @@ class DeepSpeedRank:
     def full_state(self) -> dict[str, Tensor] | None:
         return self.weights.full_state()
 
-    def save_hf(self, template_dir: str, out_dir: str, shard_bytes: int) -> None:
-        self.weights.save_hf(template_dir, out_dir, shard_bytes)
+    def save_hf(self, template_dir: str, out_dir: str, shard_bytes: int, files: dict[str, str]) -> None:
+        self.weights.save_hf(template_dir, out_dir, shard_bytes, files)
 
 
 def _distributed_env(rank: int, world: int, master_addr: str, master_port: int) -> None:

@@ -8,17 +8,14 @@ does anything with the gathered tensors. Under ZeRO-2 every rank already holds t
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from cispo.core.weight_channel import BUCKET_BYTES, TensorMeta, init_weight_group, plan_buckets, send_bucket
+from cispo.learner.hf_export import HfShards, finish_hf_dir, start_hf_dir
 
 
 class RankWeights:
@@ -81,58 +78,22 @@ class RankWeights:
         state = self.full_state()
         return [ray.put(state)] if state is not None else []
 
-    def save_hf(self, template_dir: str, out_dir: str, shard_bytes: int) -> None:
-        """Rank 0 writes `out_dir` in Hugging Face format: `template_dir`'s config and tokenizer files, the
-        weights as safetensors shards of about shard_bytes (one file when they fit, else an index), written
-        to a sibling and renamed into place. A tensor tied to an earlier one is written once."""
-        from safetensors.torch import save_file
-
-        out = Path(out_dir)
-        tmp = out.with_name(out.name + ".tmp")
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            _copy_template(Path(template_dir), tmp)
+    def save_hf(
+        self, template_dir: str, out_dir: str, shard_bytes: int, files: Mapping[str, str] | None = None
+    ) -> None:
+        """Rank 0 writes `out_dir` in Hugging Face format (cispo/learner/hf_export.py): `template_dir`'s
+        config and tokenizer files, the weights in shards of about shard_bytes, `files`; written to a
+        sibling and renamed into place. A tensor tied to an earlier one is written once. Every rank takes
+        part in the gathers."""
+        tmp = start_hf_dir(template_dir, out_dir) if self.rank == 0 else None
         seen: set[int] = set()
-        shards: list[dict[str, Tensor]] = [{}]
-        size = 0
+        shards = HfShards(shard_bytes)
         for pairs in self._gathered(shard_bytes):
             for name, tensor in pairs:
                 key = id(self.tensors[name])
                 if self.rank != 0 or key in seen:
                     continue
                 seen.add(key)
-                if size and size + tensor.numel() * tensor.element_size() > shard_bytes:
-                    shards.append({})
-                    size = 0
-                shards[-1][name] = tensor.detach().cpu().contiguous().clone()
-                size += tensor.numel() * tensor.element_size()
-        if self.rank == 0:
-            _write_shards(shards, tmp, save_file)
-            old = out.with_name(out.name + ".old")
-            if out.exists():
-                os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def _copy_template(template: Path, into: Path) -> None:
-    for item in template.iterdir():
-        weights = item.name.endswith((".safetensors", ".bin")) or item.name == "model.safetensors.index.json"
-        if item.is_file() and not weights:
-            shutil.copy2(item, into / item.name)
-
-
-def _write_shards(shards: list[dict[str, Tensor]], into: Path, save_file: Any) -> None:
-    if len(shards) == 1:
-        save_file(shards[0], str(into / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map: dict[str, str] = {}
-    total = 0
-    for index, shard in enumerate(shards, start=1):
-        name = f"model-{index:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(into / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-        total += sum(t.numel() * t.element_size() for t in shard.values())
-    index_doc = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (into / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2))
+                shards.add(name, tensor)
+        if tmp is not None:
+            finish_hf_dir(tmp, out_dir, shards, files)

@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from cispo.algo.losses import get_policy_loss, normalization_weights
 from cispo.core.config import AlgorithmConfig, LearnerConfig
+from cispo.core.placement import PlacementEntry
+from cispo.core.stage import StageSettings
 from cispo.core.types import StepResult, TrainBatch
+from cispo.core.weight_channel import WeightSource
 from cispo.learner import register_learner
 from cispo.learner.common import (
     StepParts,
     build_optimizer,
+    current_lr,
     lr_lambda,
     micro_batch_loss,
     moe_context,
@@ -24,6 +29,7 @@ from cispo.learner.common import (
     set_base_lr,
     wants_packing,
 )
+from cispo.learner.hf_export import unique_tensors, write_hf
 from cispo.learner.micro_batches import token_budget_chunks
 
 __all__ = ["TorchLearner", "build_optimizer", "lr_lambda", "unique_tensors"]
@@ -31,24 +37,10 @@ __all__ = ["TorchLearner", "build_optimizer", "lr_lambda", "unique_tensors"]
 WEIGHTS, OPTIMIZER = "model.safetensors", "optimizer.pt"
 
 
-def unique_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors, each storage once, in state_dict order: a tied head shares the input
-    embedding's tensor and safetensors refuses shared storage; loading re-ties it (the module's parameter
-    is shared), as from_pretrained does from the config."""
-    seen: set[int] = set()
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in state_dict.items():
-        tensor = tensor.detach().cpu()
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer in seen:
-            continue
-        seen.add(pointer)
-        out[name] = tensor.contiguous()
-    return out
-
-
 @register_learner("torch")
 class TorchLearner:
+    ray_ranks = False  # runs in the driver: it takes the model itself and reserves nothing on Ray
+
     def __init__(
         self,
         model: torch.nn.Module,
@@ -70,6 +62,9 @@ class TorchLearner:
         )
         self.version = 0
         self.packing = wants_packing(model, cfg)
+        self.placement: list[PlacementEntry] = [
+            {"role": "learner", "rank": 0, "in": "driver", "pid": os.getpid()}
+        ]
 
     def _logprobs(self, batch: TrainBatch, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         return policy_logprobs(self.model, batch, self.cfg, self.temperature, with_entropy, self.packing)
@@ -131,7 +126,7 @@ class TorchLearner:
                 self.model.parameters(), self.cfg.grad_clip or float("inf"), foreach=True
             )
         )
-        lr = self.scheduler.get_last_lr()[0]
+        lr = current_lr(self.scheduler)
         # A non-finite loss or gradient norm would write NaN into the weights: skip the update instead
         # (the driver counts skips and stops the run after learner.max_nonfinite_steps in a row).
         finite = math.isfinite(parts.loss) and math.isfinite(grad_norm)
@@ -144,32 +139,34 @@ class TorchLearner:
         metrics["skipped_frac"] = 0.0 if finite else 1.0
         return StepResult(metrics, seen_logprobs)
 
-    def apply_settings(
-        self,
-        *,
-        lr: float | None = None,
-        grad_clip: float | None = None,
-        loss_kwargs: dict | None = None,
-        temperature: float | None = None,
-        normalizer: str | None = None,
-    ) -> None:
-        """A curriculum stage's settings, used from the next train_step on."""
-        if normalizer is not None:
-            self.algorithm = dataclasses.replace(self.algorithm, normalizer=normalizer)
-        if lr is not None:
-            set_base_lr(self.scheduler, lr)
-        if grad_clip is not None:
-            self.cfg = dataclasses.replace(self.cfg, grad_clip=grad_clip)
-        if loss_kwargs is not None:
-            self.algorithm = dataclasses.replace(self.algorithm, loss_kwargs=dict(loss_kwargs))
-        if temperature is not None:
-            self.temperature = temperature
+    def apply_settings(self, settings: StageSettings) -> None:
+        """A curriculum stage's settings (those it sets; None keeps the current), from the next step on."""
+        if settings.normalizer is not None:
+            self.algorithm = dataclasses.replace(self.algorithm, normalizer=settings.normalizer)
+        if settings.lr is not None:
+            set_base_lr(self.scheduler, settings.lr)
+        if settings.grad_clip is not None:
+            self.cfg = dataclasses.replace(self.cfg, grad_clip=settings.grad_clip)
+        if settings.loss_kwargs is not None:
+            self.algorithm = dataclasses.replace(self.algorithm, loss_kwargs=dict(settings.loss_kwargs))
+        if settings.temperature is not None:
+            self.temperature = settings.temperature
 
     def weights_finite(self) -> bool:
         return all(bool(torch.isfinite(p).all()) for p in self.model.parameters())
 
     def state_dict_for_sync(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.model.state_dict().items()}
+
+    def weight_source(self) -> WeightSource | None:
+        """None: the weights leave only through state_dict_for_sync, in this process."""
+        return None
+
+    def save_hf(
+        self, template_dir: str | Path, out_dir: str | Path, files: Mapping[str, str] | None = None
+    ) -> None:
+        """The policy in Hugging Face format under `out_dir` (cispo/learner/hf_export.py), with `files`."""
+        write_hf(self.model.state_dict(), template_dir, out_dir, files)
 
     def save(self, directory: str) -> None:
         """Weights as safetensors (`model.safetensors`, each shared tensor once); optimizer, scheduler and

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 
-from cispo.core.config import ModelConfig
+from cispo.core.config import AlgorithmConfig, LearnerConfig, ModelConfig
 from cispo.core.testing import tiny_lm
 from cispo.core.types import Sample, TrainBatch
 from cispo.driver.batch import build_train_batch
@@ -43,3 +46,19 @@ def make_batch(tok, n: int = 8, seed: int = 0) -> TrainBatch:
             )
         )
     return build_train_batch(samples, torch.randn(n, generator=gen), pad_token_id=0)
+
+
+def trained_run_dir(tmp_path: Path) -> tuple[Path, Any]:
+    """A run directory with policy_init/ (tiny MiniMax and its tokenizer) and a torch learner one update
+    past it (`learner.tok`: the tokenizer)."""
+    from cispo.learner import build_learner
+
+    model, tok = tiny_minimax()
+    model.save_pretrained(tmp_path / "policy_init")
+    tok.save_pretrained(tmp_path / "policy_init")
+    learner = build_learner(
+        "torch", model=model, cfg=LearnerConfig(num_threads=1), algorithm=AlgorithmConfig()
+    )
+    learner.train_step(make_batch(tok, n=4))
+    learner.tok = tok
+    return tmp_path, learner

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from cispo.core.config import RewardConfig, RewardItem, TrainConfig
+from cispo.core.config import RewardConfig, TrainConfig
 from rewards import RewardError, RewardInput, RewardResult, RewardScorer, RewardSpec
 
 ray = pytest.importorskip("ray")
@@ -192,36 +192,62 @@ def test_stop_error_fraction_applies_to_the_whole_call() -> None:
             pool.score(inputs)
 
 
-@slow
-def test_build_scorer_shares_one_pool_between_training_and_eval() -> None:
-    from cispo.driver.build import build_scorer
+def test_build_scorer_without_actors_is_the_in_driver_scorer() -> None:
+    from cispo.driver.build import build_scorers
 
-    exact = [RewardItem(name="exact_match", kwargs={"extract": "none"})]
-    default = build_scorer(TrainConfig())
+    default, evaluation = build_scorers(TrainConfig())
     assert isinstance(default, RewardScorer), "reward.num_actors=0: today's in-driver scorer"
+    assert isinstance(evaluation, RewardScorer) and evaluation is not default
     default.close()
-    cfg = TrainConfig()
-    cfg.reward = RewardConfig(rewards=exact, num_actors=1, isolation="thread")
+    evaluation.close()
 
-    train, evaluation = build_scorer(cfg), build_scorer(cfg)
-    try:
-        assert isinstance(train, RewardActorPool) and train.actors() == evaluation.actors()
-        inputs = [RewardInput("q", "4", reference="4"), RewardInput("q", "5", reference="4")]
-        first, second = train.submit(inputs), evaluation.submit(inputs[:1])  # both in flight at once
-        assert [r.score for r in evaluation.result(second)] == [1.0]
-        assert [r.score for r in train.result(first)] == [1.0, 0.0]
-        assert train.metrics()["reward/samples"] == 2.0 and evaluation.metrics()["reward/samples"] == 1.0
-        with pytest.raises(ValueError, match="already taken"):
-            train.result(first)
-    finally:
-        train.close()
-        actor, pid = evaluation.actors()[0]
-        assert ray.get(actor.ready.remote(), timeout=60) == pid, "the actors live while a pool uses them"
-        evaluation.close()
+
+def _wait_gone(pid: int) -> None:
     deadline = time.monotonic() + 60  # ray.kill is asynchronous
     while _alive(pid):
-        assert time.monotonic() < deadline, "the last pool's close() stops the actors"
+        assert time.monotonic() < deadline, "the actors were never stopped"
         time.sleep(0.1)
+
+
+@slow
+def test_train_and_eval_views_share_the_actors_and_keep_their_own_counters() -> None:
+    exact = [RewardSpec("exact_match", kwargs={"extract": "none"})]
+    pool = RewardActorPool(exact, num_actors=1, isolation="thread")
+    train, evaluation = pool.view("train"), pool.view("eval")
+    assert pool.view("eval") is evaluation and train.actors() == evaluation.actors() == pool.actors()
+    inputs = [RewardInput("q", "4", reference="4"), RewardInput("q", "5", reference="4")]
+    first, second = train.submit(inputs), evaluation.submit(inputs[:1])  # both in flight at once
+    third = train.submit(inputs[1:])
+    assert [r.score for r in evaluation.result(second)] == [1.0]
+    assert evaluation.metrics()["reward/samples"] == 1.0
+    assert [r.score for r in train.result(third)] == [0.0]
+    # metrics() right after result(h): exactly that call, though `first` finished before it
+    assert train.metrics()["reward/samples"] == 1.0 and "reward/samples" not in train.metrics()
+    assert [r.score for r in train.result(first)] == [1.0, 0.0]
+    assert train.metrics()["reward/exact_match/mean"] == 0.5 and "reward/samples" not in evaluation.metrics()
+    with pytest.raises(ValueError, match="already taken"):
+        train.result(first)
+    with pytest.raises(ValueError, match="another view"):
+        evaluation.result(train.submit(inputs))
+    train.close()
+    actor, pid = evaluation.actors()[0]
+    assert ray.get(actor.ready.remote(), timeout=60) == pid, "the actors live while a view is open"
+    with pytest.raises(RuntimeError, match="after close"):
+        train.submit(inputs)
+    evaluation.close()  # the last view: the pool stops its actors
+    _wait_gone(pid)
+    with pytest.raises(RuntimeError, match="after close"):
+        pool.view("train")
+
+
+@slow
+def test_closing_the_pool_stops_the_actors_under_open_views() -> None:
+    with RewardActorPool([RewardSpec(f"{HERE}:by_index")], num_actors=1, isolation="thread") as pool:
+        view = pool.view("eval")
+        [(_, pid)] = pool.actors()
+    with pytest.raises(RuntimeError, match="after close"):
+        view.submit(_inputs(1))
+    _wait_gone(pid)
 
 
 @slow
@@ -291,7 +317,7 @@ def test_a_crash_loop_stops_with_an_error_naming_the_actor(tmp_path: Path) -> No
     log = tmp_path / "log"
     with _pool("always_exit", num_actors=1, max_restarts=2) as pool:
         assert [r.score for r in pool.score(_inputs(3, log))] == [0.0, 0.01, 0.02]
-        spent = r"reward actor 0 \(pid \d+\) died \(ActorDiedError: .*\), and its restart budget is spent: 2"
+        spent = r"reward actor slot 0 died: ActorDiedError: .*, and its restart budget is spent: 2 restart"
         with pytest.raises(RuntimeError, match=spent):
             pool.score(_inputs(3, log, s1={"die": "yes"}))
     # the first call's three, then sample 0 before each of the three deaths

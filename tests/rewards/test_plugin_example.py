@@ -27,7 +27,7 @@ def test_the_readme_command_is_the_one_tested() -> None:
 
 def test_the_readme_reward_list_scores_a_right_answer_in_full(tmp_path: Path, monkeypatch) -> None:
     """Replacing the group's list used to drop exact_match's `extract: none`: every answer scored 0."""
-    from cispo.driver.build import build_scorer
+    from cispo.driver.build import build_scorers
     from cispo.driver.plan import compose_config
 
     shutil.copy(EXAMPLE, tmp_path / "myrewards.py")
@@ -35,7 +35,7 @@ def test_the_readme_reward_list_scores_a_right_answer_in_full(tmp_path: Path, mo
     monkeypatch.setenv(LAUNCH_DIR_ENV, str(tmp_path))
     monkeypatch.setattr(sys, "path", list(sys.path))  # the registry appends the launch directory
     cfg = compose_config([README_REWARDS])
-    with build_scorer(cfg) as scorer:
+    with build_scorers(cfg)[0] as scorer:
         right, near = scorer.score([RewardInput("12+34=", "46", "46"), RewardInput("12+34=", "47", "46")])
         metrics = scorer.metrics()
     assert (right.score, near.score) == (1.5, 0.25)  # exact_match 1 + 0.5 * digits, 0 + 0.5 * 1/2
@@ -90,14 +90,14 @@ def test_a_run_finds_the_plugin_next_to_where_it_is_launched(tmp_path: Path):
 
 
 def test_a_configured_range_reaches_the_scorer_and_a_bad_one_is_a_config_error(tmp_path: Path) -> None:
-    from cispo.driver.build import build_scorer
+    from cispo.driver.build import build_scorers
     from cispo.driver.plan import compose_config
 
     (tmp_path / "penalty.py").write_text("def minus_half(sample):\n    return -0.5\n")
     entry = f"{{name: {tmp_path / 'penalty.py'}:minus_half, low: -1, high: 0}}"
     cfg = compose_config([f"reward.rewards=[{entry}]"])
     assert (cfg.reward.rewards[0].low, cfg.reward.rewards[0].high) == (-1.0, 0.0)
-    with build_scorer(cfg) as scorer:
+    with build_scorers(cfg)[0] as scorer:
         assert scorer.score([RewardInput("q", "a", "b")])[0].score == -0.5
         assert scorer.metrics()["reward/minus_half/mean"] == -0.5
     bad = f"{{name: {tmp_path / 'penalty.py'}:minus_half, low: 1, high: 0}}"

@@ -1,5 +1,6 @@
-"""Rollout workers that freeze: killed after worker_timeout_s, restarted with the latest weights, their shard
-resubmitted (same tokens with a seeded request); the per-slot, per-window restart budget.
+"""Rollout workers that freeze: killed after worker_timeout_s and restarted, the task they held resubmitted to
+whichever slot is free (the same tokens: each group samples with its own seed, whatever slot runs it), the
+latest weights loaded by the restarted worker before its next task; the per-slot, per-window restart budget.
 
 The frozen worker is SIGSTOPped while provably inside generate() or a weight load (the gated engine holds
 it there), so nothing depends on machine speed except that a healthy tiny-model call answers within
@@ -111,7 +112,8 @@ def test_a_frozen_worker_mid_batch_is_replaced_and_its_shard_resampled_identical
         assert (timings["timeouts_total"], timings["restarts_total"]) == (1, 1)
         assert manager.workers[0] is not victim and manager.restarts == [1, 0]
         assert {s.policy_version for s in samples} == {9}  # the restarted worker got the latest weights back
-        # Same slot, same seed: the replacement sampled exactly what the frozen worker would have.
+        # Each group's own seed (rollout.tasks.group_seed): whichever slot ran the lost task again sampled
+        # exactly what the frozen worker would have.
         assert [s.response_ids for s in samples] == [s.response_ids for s in undisturbed]
         logprobs = [lp for s in samples for lp in s.behaviour_logprobs]
         assert logprobs == pytest.approx([lp for s in undisturbed for lp in s.behaviour_logprobs], abs=1e-5)
@@ -133,19 +135,21 @@ def test_a_worker_frozen_during_weight_sync_is_restarted_with_the_new_weights(
         thread, out = _in_thread(lambda: manager.update_weights(learner.state_dict(), version=4))
         _freeze_inside(tmp_path, "loading", victim_pid)
         assert _join(thread, out) >= TIMEOUT_S
+        # The sync reports its own events (once: the next generate() starts counting afresh).
         assert (manager.last_timings["timeouts"], manager.last_timings["restarts"]) == (1, 1)
         assert manager.restarts == [0, 1] and manager.version == 4
-        assert ray.get([w.version.remote() for w in manager.workers]) == [4, 4]
+        # The fresh worker holds the initial weights; version 4 stays published for its next task.
+        manager.sup.settle()
+        assert manager.slot_version == [4, 0] and ray.get(manager.workers[1].version.remote()) == 0
         groups = _groups(4, group_size=2)
+        # Every slot is idle, so each one takes a task at once: the restarted one loads version 4 first.
         samples = manager.generate(groups, SamplingParams(max_new_tokens=10, temperature=1e-6))
-        # Events during the sync are reported once, by the next generate().
-        assert (manager.last_timings["timeouts"], manager.last_timings["restarts"]) == (1, 1)
+        assert ray.get([w.version.remote() for w in manager.workers]) == [4, 4]
         assert {s.policy_version for s in samples} == {4}
         for s in samples:
             assert s.response_ids == greedy_full_forward(learner, s.prompt_ids, 10)
-        manager.generate(groups, SamplingParams(max_new_tokens=2))
         assert (manager.last_timings["timeouts"], manager.last_timings["restarts"]) == (0, 0)
-        assert manager.last_timings["restarts_total"] == 1
+        assert (manager.last_timings["timeouts_total"], manager.last_timings["restarts_total"]) == (1, 1)
         _wait_until_gone(victim_pid)
     finally:
         _release(victim_pid)
@@ -158,10 +162,14 @@ def test_the_restart_budget_is_per_slot_refills_after_its_window_and_then_stops_
     kwargs = {"model": dense_model, "max_batch_size": 16}
     manager = RolloutManager("hf", kwargs, num_workers=2, max_restarts=1, restart_window_s=100)
     now = [0.0]
-    manager._clock = lambda: now[0]  # the window's clock, so the test needs no waiting
+    manager.sup.budget.clock = lambda: now[0]  # the window's clock, so the test needs no waiting
     groups = _groups(4, group_size=2)
 
     def kill_and_generate(slot: int) -> None:
+        # Every slot up first: generate() then hands each idle slot a task at once, so the dead one is
+        # found by its own task (lost, and run again on whichever slot is free), not by chance.
+        manager.sup.settle()
+        assert manager.idle_slots() == [0, 1]
         ray.kill(manager.workers[slot], no_restart=True)
         _assert_complete(manager.generate(groups, SamplingParams(max_new_tokens=4)), groups)
 

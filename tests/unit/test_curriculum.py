@@ -1,13 +1,17 @@
-"""The staged budget: both advance conditions on synthetic metric streams, stage settings that reach the
-learner and the sampler, and a mid-stage checkpoint that resumes in the same stage."""
+"""The staged budget: both advance conditions on synthetic rollout statistics, one StageSettings that
+reaches the learner and the sampler, and a mid-stage checkpoint that resumes in the same stage."""
 
+import copy
+import dataclasses
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from cispo.core.config import CurriculumConfig, LearnerConfig, StageConfig
+from cispo.core.config import AlgorithmConfig, CurriculumConfig, LearnerConfig, StageConfig
+from cispo.core.stage import StageSettings
+from cispo.core.types import RolloutStats
 from cispo.driver.curriculum import LengthCurriculum
 from cispo.driver.loop import apply_stage
 from cispo.learner import build_learner
@@ -23,7 +27,11 @@ def curriculum(**overrides) -> LengthCurriculum:
 
 def feed(c: LengthCurriculum, stream: list[tuple[float, float]]) -> list[int]:
     """The step indices (from 1) at which the stage advanced."""
-    return [i for i, (p99, ppl) in enumerate(stream, 1) if c.observe(p99, ppl)]
+    return [i for i, (p99, ppl) in enumerate(stream, 1) if c.observe(stats(p99, ppl))]
+
+
+def stats(p99: float, perplexity: float) -> RolloutStats:
+    return RolloutStats(p99_length=p99, perplexity=perplexity, mean_length=p99 / 2, max_length=p99)
 
 
 def test_advances_exactly_when_both_conditions_hold():
@@ -66,35 +74,86 @@ def test_a_mid_stage_checkpoint_resumes_in_the_same_stage_with_its_counters():
     assert feed(resumed, [(24, 4.0), (24, 4.02)]) == feed(c, [(24, 4.0), (24, 4.02)]) == [2]
 
 
-class RecordingLoss:
+class RecordingRollout:
     def __init__(self) -> None:
-        self.kwargs: list[dict] = []
+        self.settings: list[StageSettings] = []
 
-    def __call__(self, *args, **kwargs):
-        from cispo.algo.losses import cispo_loss
-
-        self.kwargs.append({k: v for k, v in kwargs.items() if k != "token_weights"})
-        return cispo_loss(*args, **kwargs)
+    def apply_settings(self, settings: StageSettings) -> None:
+        self.settings.append(settings)
 
 
-def test_stage_settings_change_what_the_learner_and_the_sampler_use():
+def test_the_curriculum_gives_one_stage_settings_with_every_field_the_stage_sets():
     cfg = to_train_config(composed("curriculum=staged_80k"))
-    model, tok = tiny_minimax()
-    learner = build_learner(
-        "torch", model=model, cfg=LearnerConfig(num_threads=1, warmup_steps=0), algorithm=cfg.algorithm
-    )
-    learner.loss_fn = RecordingLoss()
     c = LengthCurriculum(cfg.curriculum, cfg.rollout.max_new_tokens)
     c.load_state_dict({"stage": 4, "streak": 0})  # the 72K stage: grad clip 0.3, eps_high 2.0, sample_token
-    stages = SimpleNamespace(curriculum=c, learner=learner, rollout=SimpleNamespace(overrides={}))
-    apply_stage(cfg, stages)
-    learner.train_step(make_batch(tok, n=4))
-    assert learner.loss_fn.kwargs[-1] == {"eps_low": 1.0, "eps_high": 2.0, "token_mask": False}
-    assert learner.cfg.grad_clip == 0.3 and learner.algorithm.normalizer == "sample_token"
-    learner.apply_settings(lr=1e-3)
-    assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)
-    assert c.logged()["curriculum/eps_high"] == 2.0 and c.logged()["curriculum/grad_clip"] == 0.3
-    assert c.logged()["curriculum/budget"] == 73728 and c.logged()["curriculum/stage"] == 4
+    settings = c.stage_settings({"eps_low": 1.0, "eps_high": 4.0, "token_mask": False})
+    assert settings == StageSettings(
+        budget=73728,
+        grad_clip=0.3,
+        normalizer="sample_token",
+        loss_kwargs={"eps_low": 1.0, "eps_high": 2.0, "token_mask": False},
+    )
+    assert LengthCurriculum(CurriculumConfig(), 64).stage_settings({}) is None  # no curriculum: nothing set
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.lr = 1.0  # type: ignore[misc]
+    with pytest.raises(ValueError, match="StageSettings.temperature must be > 0"):
+        StageSettings(budget=8, temperature=0.0)
+
+
+def test_apply_stage_hands_the_same_settings_to_the_learner_and_the_rollout():
+    cfg = to_train_config(composed("curriculum=staged_80k"))
+    cfg.curriculum.stages[1] = StageConfig(budget=49152, temperature=0.8, repetition_stop_tokens=3000)
+    c = LengthCurriculum(cfg.curriculum, cfg.rollout.max_new_tokens)
+    c.load_state_dict({"stage": 1, "streak": 0})
+    learner, rollout = RecordingRollout(), RecordingRollout()
+    apply_stage(cfg, SimpleNamespace(curriculum=c, learner=learner, rollout=rollout))
+    (settings,) = learner.settings
+    assert rollout.settings == [settings] and rollout.settings[0] is settings
+    assert (settings.budget, settings.temperature, settings.repetition_stop_tokens) == (49152, 0.8, 3000)
+    assert settings.loss_kwargs == cfg.algorithm.loss_kwargs and settings.lr is None
+
+
+def _learner(model, lr: float = 1e-2, eps_high: float = 4.0):
+    return build_learner(
+        "torch",
+        model=model,
+        cfg=LearnerConfig(lr=lr, warmup_steps=0, num_threads=1, weight_decay=0.0),
+        algorithm=AlgorithmConfig(loss_kwargs={"eps_low": 1.0, "eps_high": eps_high}),
+    )
+
+
+def test_stage_settings_change_the_torch_learners_lr_and_eps_high():
+    model, tok = tiny_minimax()
+    batch = make_batch(tok, n=4)
+    plain, staged = _learner(copy.deepcopy(model)), _learner(copy.deepcopy(model))
+    # Every ratio far above 1 + eps_high (old log-probs 10 nats below the policy's), so every IS weight is
+    # clipped to 1 + eps_high and the loss is -(1 + eps_high) * sum(c * A * logp): proportional to it.
+    batch.old_logprobs = (plain.compute_logprobs(batch) - 10.0) * batch.response_mask
+    staged.apply_settings(StageSettings(budget=8, lr=1e-3, loss_kwargs={"eps_low": 1.0, "eps_high": 2.0}))
+    before = {k: v.clone() for k, v in staged.state_dict_for_sync().items()}
+    loss_plain = plain.train_step(batch).metrics["loss"]
+    result = staged.train_step(batch).metrics
+    assert result["loss"] == pytest.approx(loss_plain * (1 + 2.0) / (1 + 4.0), rel=1e-5)
+    assert result["is_weight_max"] == pytest.approx(3.0) and result["clip_frac_high"] == pytest.approx(1.0)
+    # AdamW's first step (no weight decay, eps 1e-15) moves every weight with a gradient by lr * sign(g):
+    # the stage's lr of 1e-3, not the config's 1e-2.
+    moved = max((v - before[k]).abs().max().item() for k, v in staged.state_dict_for_sync().items())
+    assert moved == pytest.approx(1e-3, rel=1e-4)
+    assert result["lr"] == pytest.approx(1e-3)
+
+
+def test_stage_temperature_reaches_the_learners_logprobs():
+    model, tok = tiny_minimax()
+    batch = make_batch(tok, n=4)
+    learner = _learner(model)
+    at_one = learner.compute_logprobs(batch)
+    learner.apply_settings(StageSettings(budget=8, temperature=0.5))
+    assert learner.temperature == 0.5
+    at_half = learner.compute_logprobs(batch)
+    mask = batch.response_mask.bool()
+    assert not torch.allclose(at_one[mask], at_half[mask])
+    learner.apply_settings(StageSettings(budget=8))  # nothing set: nothing changes
+    assert torch.equal(learner.compute_logprobs(batch), at_half) and learner.temperature == 0.5
 
 
 def test_stage_temperature_and_repetition_stop_reach_sampling():
@@ -105,12 +164,11 @@ def test_stage_temperature_and_repetition_stop_reach_sampling():
     c = LengthCurriculum(cfg.curriculum, cfg.rollout.max_new_tokens)
     c.load_state_dict({"stage": 1, "streak": 0})
     rollout = RolloutStage(cfg, SimpleNamespace(eos_token_id=1, pad_token_id=0), None, (None, None), None, [])
-    calls = []
-    learner = SimpleNamespace(apply_settings=lambda **s: calls.append(s))
+    learner = RecordingRollout()
     apply_stage(cfg, SimpleNamespace(curriculum=c, learner=learner, rollout=rollout))
     params = rollout.sampling(c.budget)
     assert (params.temperature, params.repetition_stop_tokens, params.max_new_tokens) == (0.8, 3000, 49152)
-    assert calls[-1]["temperature"] == 0.8  # the learner's log-probs follow the sampling temperature
+    assert learner.settings[-1].temperature == 0.8  # the learner's log-probs follow the sampling temperature
 
 
 def test_stage_loss_kwargs_are_checked_at_start_up():

@@ -289,6 +289,8 @@ def test_the_project_registries_are_the_ones_the_getters_use(monkeypatch):
         made.append(kwargs)
         return kwargs
 
+    factory.ray_ranks = False  # a learner backend says where it runs (cispo.learner.LearnerBackend)
+
     def reward(completion: str, reference: str) -> float:
         return 0.5
 

@@ -8,25 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from cispo.core.config import AlgorithmConfig, LearnerConfig
 from cispo.driver.checkpoint import claim_branch, complete_checkpoints, read_hf_marker, save_checkpoint
 from cispo.driver.export import export_hf, main, policy_dir
-from cispo.learner import build_learner
-from tests.learner.helpers import make_batch, tiny_minimax
+from tests.learner.helpers import make_batch, trained_run_dir
 
 
 @pytest.fixture()
 def run(tmp_path: Path):
     """A run dir with policy_init/ and a learner that has made one update."""
-    model, tok = tiny_minimax()
-    model.save_pretrained(tmp_path / "policy_init")
-    tok.save_pretrained(tmp_path / "policy_init")
-    learner = build_learner(
-        "torch", model=model, cfg=LearnerConfig(num_threads=1), algorithm=AlgorithmConfig()
-    )
-    learner.train_step(make_batch(tok, n=4))
-    learner.tok = tok
-    return tmp_path, learner
+    return trained_run_dir(tmp_path)
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:

@@ -81,14 +81,15 @@ def test_cli_refuses_a_plus_typo_before_building_anything(tmp_path: Path):
 def test_cluster_keys_are_checked_against_the_ray_cluster():
     cfg = TrainConfig(cluster=ClusterConfig(ray_address="auto", num_nodes=2, gpus_per_node=1))
     one_node = [{"Alive": True, "NodeManagerAddress": "10.0.0.1", "Resources": {"CPU": 8, "GPU": 1}}]
+    totals = {"CPU": 16.0, "GPU": 2.0}
     with pytest.raises(RuntimeError, match="num_nodes=2 but the Ray cluster at auto has 1 live node"):
-        check_cluster(cfg, one_node)
+        check_cluster(cfg, one_node, totals)
     no_gpu = one_node + [{"Alive": True, "NodeManagerAddress": "10.0.0.2", "Resources": {"CPU": 8}}]
     with pytest.raises(
         RuntimeError, match=r"gpus_per_node=1, but these nodes have fewer GPUs: \['10.0.0.2'\]"
     ):
-        check_cluster(cfg, no_gpu)
-    check_cluster(cfg, one_node + [{**one_node[0], "NodeManagerAddress": "10.0.0.2"}])
+        check_cluster(cfg, no_gpu, totals)
+    check_cluster(cfg, one_node + [{**one_node[0], "NodeManagerAddress": "10.0.0.2"}], totals)
 
 
 def test_the_tokenizer_follows_the_model_unless_set():
