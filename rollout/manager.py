@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from cispo.core.placement import in_bundle, make_placement_group
-from cispo.core.supervisor import RayTransport, SlotPolicy, Supervisor
+from cispo.core.supervisor import EVENTS, RayTransport, SlotPolicy, Supervisor
 from cispo.core.types import PromptGroup, Sample, SamplingParams
 from rollout.engine import build_engine
 from rollout.stall import AUTO, StallTimeout
@@ -28,10 +28,6 @@ from rollout.weight_sync import BroadcastWeightSync, to_cpu_state_dict
 from rollout.worker import RolloutWorker
 
 log = logging.getLogger(__name__)
-
-# Re-exported: callers imported these from here before rollout/tasks.py existed.
-__all__ = ["LocalRolloutManager", "RolloutManager", "build_samples"]
-from rollout.tasks import build_samples  # noqa: E402
 
 
 class LocalRolloutManager:
@@ -88,7 +84,7 @@ class LocalRolloutManager:
         raise RuntimeError("local rollout: no weight broadcast (weights come as a state dict)")
 
     def take_events(self) -> dict[str, float]:
-        return dict.fromkeys(("restarts", "timeouts", "deaths", "restarts_total", "timeouts_total"), 0.0)
+        return dict.fromkeys([*EVENTS, *(f"{e}_total" for e in EVENTS)], 0.0)  # nothing remote to fail
 
     def placement(self) -> list[dict[str, object]]:
         return [{"role": "rollout", "in": "driver"}]

@@ -136,17 +136,27 @@ def generation_timings(start: float, samples: list[Sample]) -> dict[str, float]:
     }
 
 
+def split_groups(groups: list[PromptGroup], num_slots: int, per_task: int = 0) -> list[list[PromptGroup]]:
+    """Consecutive runs of `per_task` groups, one engine call each (0: the groups split evenly over the
+    slots, one task each, as static shards batch best on an engine without continuous batching)."""
+    size = per_task or max(1, -(-len(groups) // max(1, num_slots)))
+    return [groups[i : i + size] for i in range(0, len(groups), size)]
+
+
 def run_groups(backend: RolloutBackend, groups: list[PromptGroup], params: SamplingParams) -> list[Sample]:
-    """Every group once, as one task each, on whichever slot is free, at the backend's latest version; a
-    lost task runs again (with its own seed, so it samples the same). Samples in the groups' order."""
+    """Every group once, split evenly over the slots (`split_groups`), each task on whichever slot is free
+    at the backend's latest version and seeded by its first group; a lost task runs again and samples the
+    same. Samples in the groups' order."""
     start = time.perf_counter()
+    parts = split_groups(groups, backend.num_slots)
     queue = deque(
-        GenTask(i, [list(g.prompt_ids)] * g.group_size, per_group(params, g.index), backend.latest)
-        for i, g in enumerate(groups)
-    )
+        GenTask(i, [list(g.prompt_ids) for g in part for _ in range(g.group_size)],
+                per_group(params, part[0].index), backend.latest)
+        for i, part in enumerate(parts)
+    )  # fmt: skip
     done: dict[int, list[Generation]] = {}
     worker_s: list[float] = []
-    while len(done) < len(groups):
+    while len(done) < len(parts):
         for slot in backend.idle_slots():
             if queue and backend.can_run(slot, queue[0]):
                 backend.run(slot, queue.popleft())
@@ -156,7 +166,10 @@ def run_groups(backend: RolloutBackend, groups: list[PromptGroup], params: Sampl
                 continue
             done[int(result.task.key)] = result.generations  # type: ignore[call-overload]
             worker_s.append(result.timings.get("generate_s", 0.0))
-    samples = build_samples(groups, [done[i] for i in range(len(groups))])
+    per_group_gens, rest = [], iter(g for i in range(len(parts)) for g in done[i])
+    for group in groups:
+        per_group_gens.append([next(rest) for _ in range(group.group_size)])
+    samples = build_samples(groups, per_group_gens)
     backend.last_timings = {
         **generation_timings(start, samples),
         "worker_generate_s_max": max(worker_s, default=0.0),

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 H = TypeVar("H")  # a remote's handle
 W = TypeVar("W")  # a call's work item (what a failed call gives back for resubmission)
+EVENTS = ("restarts", "timeouts", "deaths")  # what take_events() counts
 F = Any  # a transport's future (a Ray ObjectRef, a process call): opaque to the supervisor
 
 
@@ -235,7 +236,7 @@ class Supervisor(Generic[H, W]):
     def wait(self, timeout_s: float) -> list[Outcome[W]]:
         """Waits at most `timeout_s` (less, up to the nearest deadline) for calls to end; returns those
         that ended. Deadlines passed are failures (the slot restarts); restarts in progress advance."""
-        self._check_starting(0.0)
+        self._expire_starting()
         futures = [c.future for c in self.calls.values()] + [s.future for s in self.starting.values()]
         deadlines = [c.deadline for c in self.calls.values()] + [s.deadline for s in self.starting.values()]
         if not futures:
@@ -254,7 +255,7 @@ class Supervisor(Generic[H, W]):
             why = f"did not answer within {c.how}"
             outcomes.append(Outcome(c, failure=why, timed_out=True, seconds=now - c.submitted))
             self.restart(c.slot, why)
-        self._check_starting(0.0)
+        self._expire_starting()
         return outcomes
 
     def call_all(self, call: Callable[[H], F], timeout_s: float | None, what: str) -> list[Any]:
@@ -340,7 +341,7 @@ class Supervisor(Generic[H, W]):
             wait_s = max(0.0, min(nearest, end if end is not None else nearest) - self.clock())
             done = set(self.transport.wait([s.future for s in self.starting.values()], wait_s))
             self._check_starting_done(done)
-            self._check_starting(0.0)
+            self._expire_starting()
 
     def _check_starting_done(self, done: set[F]) -> None:
         for slot, start in list(self.starting.items()):
@@ -356,7 +357,7 @@ class Supervisor(Generic[H, W]):
             except Exception as err:  # noqa: BLE001 - its restart hook raised: it is not usable
                 self.restart(slot, f"restart failed: {type(err).__name__}: {err}")
 
-    def _check_starting(self, _: float) -> None:
+    def _expire_starting(self) -> None:
         now = self.clock()
         for slot, start in list(self.starting.items()):
             if start.deadline <= now and not self.transport.wait([start.future], 0.0):
@@ -404,8 +405,8 @@ class Supervisor(Generic[H, W]):
 
     def take_events(self) -> dict[str, float]:
         """restarts / timeouts / deaths since the previous call, and their totals (`<event>_total`)."""
-        out = {e: float(self.events.since[e]) for e in ("restarts", "timeouts", "deaths")}
-        out.update({f"{e}_total": float(self.events.total[e]) for e in ("restarts", "timeouts", "deaths")})
+        out = {e: float(self.events.since[e]) for e in EVENTS}
+        out.update({f"{e}_total": float(self.events.total[e]) for e in EVENTS})
         self.events.since.clear()
         return out
 

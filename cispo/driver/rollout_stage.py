@@ -39,7 +39,7 @@ from cispo.driver.scoring import (
 from cispo.learner import Learner
 from rewards.registry import full_score
 from rollout.stream import FinishedGroup, GenerationStream, GroupJob
-from rollout.tasks import RolloutBackend, per_group
+from rollout.tasks import RolloutBackend, per_group, split_groups
 
 Key = tuple[str, int, int, int]  # (kind, step, round, index in the data stream or the eval set)
 
@@ -91,6 +91,7 @@ class RolloutStage:
         self._gen: GenerationStream | None = None
         self._scoring: ScoringThread | None = None
         self.dropped = 0
+        self.last_batch: list[int] = []  # the data indices of the groups of the last batch taken, in order
 
     # ---------------------------------------------------------------------------------- plumbing
     @property
@@ -131,14 +132,11 @@ class RolloutStage:
         priority: float,
         exact: bool = True,
     ) -> list[GroupJob]:
-        """Consecutive groups, rollout.groups_per_task at a time (0: the groups split evenly over the
-        workers, one task each, as static shards batch best on an engine without continuous batching), one
-        job each, seeded by its first group: the split is fixed by the schedule, not by timing."""
+        """The groups split into tasks by `split_groups` (rollout.groups_per_task), one job each, seeded by
+        its first group: the split is fixed by the schedule, not by timing."""
         slots = self.manager.num_slots if self.manager is not None else 1
-        size = self.cfg.rollout.groups_per_task or max(1, -(-len(groups) // slots))
         jobs = []
-        for i in range(0, len(groups), size):
-            part = groups[i : i + size]
+        for part in split_groups(groups, slots, self.cfg.rollout.groups_per_task):
             key: Key = (kind, step, round_index, part[0].index)
             jobs.append(GroupJob(key, part, per_group(params, part[0].index), version, priority, exact=exact))
         return jobs
@@ -274,6 +272,7 @@ class RolloutStage:
             "time/rollout_s": waited,
         }
         self.dropped = 0
+        self.last_batch: list[int] = []  # the data indices of the groups of the last batch taken, in order
         out.update(self.gen.stats.take())
         events = self.gen.call(self.manager.take_events) if self.manager is not None else {}
         for key in ("timeouts_total", "restarts_total"):  # worker health over the run

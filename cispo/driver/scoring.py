@@ -110,10 +110,6 @@ class ScoringThread:
                     self._done[key] = ScoredGroup(key, samples, metrics if i == 0 else {}, chunks)
                 self._cond.notify_all()
 
-    def ready(self, key: Hashable) -> bool:
-        with self._cond:
-            return key in self._done
-
     def take(self, keys: list[Hashable], alive: Callable[[], None] | None = None) -> list[ScoredGroup]:
         """The scored groups of `keys` (removed), in that order, once all are there. `alive()` is called
         while waiting and may raise (a failed rollout stream)."""
@@ -125,10 +121,6 @@ class ScoringThread:
                 if alive is not None:
                     alive()
             return [self._done.pop(k) for k in keys]
-
-    def peek(self, keys: list[Hashable]) -> list[ScoredGroup]:
-        with self._cond:
-            return [self._done[k] for k in keys if k in self._done]
 
     def close(self) -> None:
         self._inbox.put(None)
