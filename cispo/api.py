@@ -171,8 +171,9 @@ def evaluate(
     run_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Held-out evaluation as `cispo-eval` does: `model` is a Hugging Face directory or a run directory
-    (its `hf/`), default model.name of the config; overrides as for `train`. Returns
-    {"final_eval_accuracy", "samples"}; the generations land in `<run_dir>/eval_samples.jsonl`."""
+    (its `hf/`), default model.name of the config; overrides as for `train` (`eval.sets`: which sets).
+    Returns {"final_eval_accuracy", "samples", "eval/<set>/<metric>" of each set}; the generations land in
+    `<run_dir>/eval_samples.jsonl`."""
     extra = _override_list(overrides) + ["experiment.eval_only=true"]
     if model is not None:
         extra.append(f"model.name={Path(model).resolve() if Path(model).exists() else model}")

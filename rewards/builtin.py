@@ -9,7 +9,7 @@ from rewards import code as _code
 from rewards import math as _math
 from rewards.base import RewardInput, RewardResult
 from rewards.extract import answer_tag, final_answer
-from rewards.format import format_reward
+from rewards.format import char_share_reward, format_reward
 from rewards.genrm import genrm_reward
 from rewards.length import overlong_reward
 from rewards.logic import logic_reward
@@ -18,6 +18,7 @@ from sandboxes import Limits, Sandbox
 
 register_reward("logic")(logic_reward)
 register_reward("format")(format_reward)
+register_reward("char_share")(char_share_reward)
 register_reward("overlong", low=-1.0, high=0.0)(overlong_reward)
 
 _sandboxes: dict[tuple[str, str], Sandbox] = {}

@@ -32,3 +32,17 @@ def format_reward(inp: RewardInput, *, style: str = "think", pattern: str | None
     if _compile(pattern).search(inp.completion):
         return RewardResult(1.0)
     return RewardResult(0.0, f"format: does not match {label}")
+
+
+def char_share_reward(inp: RewardInput, *, chars: str = "0123456789") -> RewardResult:
+    """The share of the completion's characters that are in ``chars`` (0 for an empty completion).
+
+    A dense signal over the whole trace, for experiments about the machinery of long traces (every token
+    of a 4,096-token response moves it), not a task anyone wants solved."""
+    if not chars:
+        raise ValueError("char_share reward: chars must not be empty")
+    text = inp.completion
+    if not text:
+        return RewardResult(0.0, "char_share: empty completion")
+    allowed = set(chars)
+    return RewardResult(sum(ch in allowed for ch in text) / len(text))

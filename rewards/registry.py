@@ -28,6 +28,7 @@ REWARDS: Registry[Callable[..., Any]] = Registry(
     "reward",
     ENTRY_POINT_GROUP,
     lazy={
+        "char_share": "rewards.builtin:char_share_reward",
         "code": "rewards.builtin:code_reward",
         "code_io": "rewards.builtin:code_io_reward",
         "exact_match": "rewards.builtin:exact_match",

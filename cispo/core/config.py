@@ -14,6 +14,7 @@ from omegaconf import MISSING
 
 from cispo.core.checks import check_finite, check_finite_fields
 from cispo.core.checks import require as _require
+from cispo.core.eval_config import EvalConfig
 from cispo.core.reward_config import CodeRewardConfig
 from cispo.core.rollout_config import RolloutConfig
 
@@ -92,17 +93,36 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     """source: "addition" (built-in procedural), "reasoning_gym" (generator = dataset name),
-    "jsonl" / "parquet" (path), or "hub" (path = dataset id, where a hub is reachable)."""
+    "jsonl" / "parquet" (path: one file), or "hub" (path: a dataset id, or a local directory laid out as
+    the hub lays datasets out, or one written by Dataset.save_to_disk). README.md, "Data", has examples."""
 
     source: str = "addition"
     path: str = ""
     generator: str = ""
     generator_kwargs: dict[str, Any] = field(default_factory=dict)
-    split: str = "train"
+    name: str = ""  # hub: the dataset's config (GSM8K's "main"); a local directory: its subdirectory
+    split: str = "train"  # hub: the split training draws from
+    # hub: the held-out split; empty: the last num_eval rows of `split` (at most a fifth) are held out
+    # instead, as for a jsonl/parquet file. (Each of eval_split and eval_path is ignored by the other
+    # sources, so that an evaluation set can change data.source alone.)
+    eval_split: str = ""
+    # jsonl/parquet: a second file holding the held-out rows (its first num_eval); empty: the last rows
+    # of `path` are held out.
+    eval_path: str = ""
     prompt_key: str = "prompt"
     answer_key: str = "answer"
+    # The reference from the answer column: none (as it is), gsm8k ("#### N"), boxed (MATH's \boxed{}),
+    # or package.module:function (cispo/core/answers.py).
+    answer_extractor: str = "none"
     prompt_template: str = "{prompt}"
-    chat_template: bool = False  # wrap the prompt in the tokenizer's chat template (instruct models)
+    # auto: the tokenizer's chat template when it has one (instruct models), the raw prompt otherwise
+    # (base models); true: always (an error if there is none); false: never. YAML booleans work too.
+    chat_template: str = "auto"
+    # A Jinja chat template (text, or the path of a file holding one) used instead of the tokenizer's.
+    custom_chat_template: str = ""
+    # The system message of a chat-templated prompt; without a chat template it goes before the prompt,
+    # followed by a blank line.
+    system_prompt: str = ""
     # A prompt that leaves no room for the generation budget in the model's context is refused at load
     # (naming its row); true: keep its last tokens instead (the number truncated is printed).
     truncate_prompts: bool = False
@@ -123,6 +143,16 @@ class DataConfig:
         _require(self.prompts_per_step > 0, "data.prompts_per_step", "must be > 0")
         _require(self.num_eval >= 0 and self.num_train > 0, "data.num_train/num_eval", "must be positive")
         _require("{prompt}" in self.prompt_template, "data.prompt_template", "must contain {prompt}")
+        # OmegaConf stores a YAML boolean given to this str field as "True"/"False"; Python may pass a bool.
+        self.chat_template = str(self.chat_template).lower()
+        modes = ("auto", "true", "false")
+        _require(self.chat_template in modes, "data.chat_template", f"one of {list(modes)}")
+        from cispo.core.answers import ANSWER_EXTRACTORS  # imports only the registry
+
+        try:
+            ANSWER_EXTRACTORS.check(self.answer_extractor)
+        except (ValueError, ImportError, AttributeError) as err:
+            raise ValueError(f"config error at data.answer_extractor: {err}") from None
 
 
 @dataclass
@@ -219,7 +249,7 @@ class LearnerConfig:
     max_nonfinite_steps: int = 3
     router_aux_loss_coef: float = 0.0
     routing_replay: bool = False
-    packing: bool = False  # dense models only: the hybrid MiniMax's linear attention cannot be packed
+    packing: bool = False  # one [1, T] stream per micro-batch; hybrid MiniMax too (lightning state resets)
     # Per-layer activation checkpointing (transformers' gradient checkpointing): activations of one layer
     # at a time are kept, the rest recomputed in backward. What long budgets need (see cispo-plan).
     gradient_checkpointing: bool = False
@@ -230,6 +260,9 @@ class LearnerConfig:
     # ZeRO-3: each rank builds the policy inside deepspeed.zero.Init and loads only its own shards of the
     # checkpoint (no rank ever holds the whole model); false: build whole, then partition.
     zero_init: bool = True
+    # Ulysses sequence parallelism: each sample's tokens split over this many ranks (ZeRO still runs over
+    # all num_ranks = data-parallel groups x this); deepspeed backend only (learner/sequence_parallel.py).
+    sequence_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         check_finite_fields(self, "learner")
@@ -250,6 +283,17 @@ class LearnerConfig:
         _require(self.micro_batch_tokens > 0, "learner.micro_batch_tokens", "must be > 0")
         _require(self.zero_stage in (0, 1, 2, 3), "learner.zero_stage", "0, 1, 2 or 3")
         _require(len(self.betas) == 2, "learner.betas", "two values")
+        _require(self.sequence_parallel_size >= 1, "learner.sequence_parallel_size", "must be >= 1")
+        _require(
+            self.num_ranks % self.sequence_parallel_size == 0,
+            "learner.sequence_parallel_size",
+            f"must divide learner.num_ranks ({self.num_ranks})",
+        )
+        _require(
+            self.sequence_parallel_size == 1 or self.backend == "deepspeed",
+            "learner.sequence_parallel_size",
+            f"> 1 needs learner.backend deepspeed (got {self.backend!r})",
+        )
 
 
 @dataclass
@@ -434,6 +478,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     experiment: ExperimentConfig = field(default_factory=ExperimentConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # the evaluation sets (cispo.core.eval_config)
     resume: str = "auto"  # auto | never | <checkpoint dir>
 
 

@@ -26,6 +26,10 @@ class RolloutConfig:
     repetition_stop_tokens: int = 0
     repetition_prob: float = 0.99
     eval_temperature: float = 0.0  # 0 = greedy
+    # false: EOS is a token like any other and every training response runs to the budget (traces of a
+    # fixed, real length for long-context experiments; the behaviour log-probs stay those of the model's
+    # own distribution, since nothing is masked). Evaluation always stops at EOS.
+    stop_on_eos: bool = True
     # Extra keyword arguments for the engine (vllm: tensor_parallel_size, gpu_memory_utilization,
     # max_model_len, trust_remote_code, ...), merged over what the framework passes.
     engine_kwargs: dict = field(default_factory=dict)

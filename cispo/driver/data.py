@@ -6,6 +6,7 @@ lacks a field fails at load time with its index and the field's name, before any
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import json
@@ -15,8 +16,10 @@ from typing import Any
 
 import datasets
 
+from cispo.core.answers import ANSWER_EXTRACTORS
 from cispo.core.config import DataConfig
 from cispo.core.types import PromptGroup
+from cispo.driver.hub_data import held_out_rows, hub_rows, shipped_path
 
 
 def is_held_out(a: int, b: int) -> bool:
@@ -53,10 +56,6 @@ def _reasoning_gym_rows(
     return rows
 
 
-# Holds configs/: a link to <repo>/configs, or package data in a wheel install.
-PACKAGE_DIR = Path(__file__).resolve().parents[1]
-
-
 def resolve_data_file(path: str, key: str) -> Path:
     """A data file named in a config: as given (relative to the working directory), or else a relative
     "configs/..." path inside the installed package, so that a preset's shipped data (e.g.
@@ -64,8 +63,8 @@ def resolve_data_file(path: str, key: str) -> Path:
     given = Path(path).expanduser()
     if given.is_file():
         return given
-    shipped = PACKAGE_DIR / given
-    if not given.is_absolute() and given.parts[:1] == ("configs",) and shipped.is_file():
+    shipped = shipped_path(path)
+    if shipped is not None and shipped.is_file():
         return shipped
     raise ValueError(f"config error at {key}: no file {str(given)!r} (working directory {str(Path.cwd())!r})")
 
@@ -124,14 +123,12 @@ def jsonl_type_conflict(path: Path) -> str | None:
     return None
 
 
-def _file_rows(cfg: DataConfig, split: str) -> tuple[datasets.Dataset, list[int] | None]:
-    """The split's rows and, for a JSONL file, each row's 1-based line in it."""
-    if cfg.source == "hub":
-        return datasets.load_dataset(cfg.path, split=cfg.split if split == "train" else "test"), None
-    path = resolve_data_file(cfg.path, "data.path")
+def _read_file(cfg: DataConfig, path_value: str, key: str) -> tuple[datasets.Dataset, list[int] | None]:
+    """A jsonl/parquet file's rows and, for JSONL, each row's 1-based line in it."""
+    path = resolve_data_file(path_value, key)
     if path.stat().st_size == 0:
         # datasets' JSON builder fails on an empty file with a bare StopIteration.
-        raise ValueError(f"config error at data.path: {str(path)!r} is empty")
+        raise ValueError(f"config error at {key}: {str(path)!r} is empty")
     lines = jsonl_lines(path) if cfg.source == "jsonl" else None
     try:
         dataset = datasets.load_dataset(
@@ -142,25 +139,64 @@ def _file_rows(cfg: DataConfig, split: str) -> tuple[datasets.Dataset, list[int]
         why = (jsonl_type_conflict(path) if lines is not None else None) or (
             f"could not be read as {cfg.source}: {type(cause).__name__}: {str(cause).partition(chr(10))[0]}"
         )
-        raise ValueError(f"config error at data.path: {str(path)!r} {why}") from err
-    n_eval = min(cfg.num_eval, len(dataset) // 5)
-    # The last rows are held out: a file's order is the user's, so the split is predictable.
-    rows = range(len(dataset) - n_eval, len(dataset)) if split == "eval" else range(len(dataset) - n_eval)
+        raise ValueError(f"config error at {key}: {str(path)!r} {why}") from err
     if lines is not None and len(lines) != len(dataset):
         lines = None  # the builder saw the rows differently: fall back to row numbers
+    return dataset, lines
+
+
+def _file_rows(cfg: DataConfig, split: str) -> tuple[datasets.Dataset, list[int], str]:
+    """The split's rows, each one's number in its file (the line of a JSONL file, else the row) and what
+    that number is ("line" or "row")."""
+    use_eval_file = split == "eval" and bool(cfg.eval_path)
+    dataset, lines = _read_file(
+        cfg, cfg.eval_path if use_eval_file else cfg.path, "data.eval_path" if use_eval_file else "data.path"
+    )
+    if use_eval_file:
+        rows = range(min(cfg.num_eval, len(dataset)))
+    else:
+        rows = held_out_rows(len(dataset), 0 if cfg.eval_path else cfg.num_eval, split)
     selected = dataset.select(rows) if len(rows) else dataset.select([])  # an empty range is refused
-    return selected, None if lines is None else [lines[i] for i in rows]
+    numbers = [lines[i] for i in rows] if lines is not None else [i + 1 for i in rows]
+    return selected, numbers, "line" if lines is not None else "row"
+
+
+def _bad_row(where: str, row: dict[str, Any], key: str) -> str | None:
+    """Why column `key` of a row is unusable, or None."""
+    value = row.get(key)
+    if key not in row or value is None or (isinstance(value, str) and not value.strip()):
+        return f"{where} has no usable {key!r} field (keys: {sorted(row)})"
+    return None
+
+
+def _reference(cfg: DataConfig, where: str, value: Any) -> str:
+    """The row's reference answer: the answer column through data.answer_extractor."""
+    if cfg.answer_extractor == "none":
+        return value if isinstance(value, str) else json.dumps(value)
+    if not isinstance(value, str):
+        raise ValueError(
+            f"{where}: field {cfg.answer_key!r} must be a string for data.answer_extractor="
+            f"{cfg.answer_extractor}, got {type(value).__name__}"
+        )
+    answer = ANSWER_EXTRACTORS.get(cfg.answer_extractor)(value)
+    if not answer:
+        shown = value if len(value) <= 120 else "..." + value[-117:]
+        raise ValueError(
+            f"{where}: data.answer_extractor={cfg.answer_extractor} found no answer in field "
+            f"{cfg.answer_key!r}: {shown!r}"
+        )
+    return answer
 
 
 def _normalise(
-    raw: datasets.Dataset, cfg: DataConfig, origin: str, lines: list[int] | None = None
+    raw: datasets.Dataset, cfg: DataConfig, origin: str, numbers: list[int], unit: str = "row"
 ) -> datasets.Dataset:
     rows = []
     for index, row in enumerate(raw):
-        where = f"{origin} line {lines[index]}" if lines else f"{origin} row {index + 1}"
+        where = f"{origin} {unit} {numbers[index]}"
         for key in (cfg.prompt_key, cfg.answer_key):
-            if key not in row or row[key] is None or (isinstance(row[key], str) and not row[key].strip()):
-                raise ValueError(f"{where} has no usable {key!r} field (keys: {sorted(row)})")
+            if (why := _bad_row(where, row, key)) is not None:
+                raise ValueError(why)
         if not isinstance(row[cfg.prompt_key], str):
             raise ValueError(
                 f"{where}: field {cfg.prompt_key!r} must be a string, "
@@ -170,19 +206,21 @@ def _normalise(
         rows.append(
             {
                 "prompt": row[cfg.prompt_key],
-                "answer": row[cfg.answer_key]
-                if isinstance(row[cfg.answer_key], str)
-                else json.dumps(row[cfg.answer_key]),
+                "answer": _reference(cfg, where, row[cfg.answer_key]),
                 "metadata": metadata if isinstance(metadata, str) else json.dumps(metadata),
                 # Where the row came from, for messages about it later (a prompt too long for the model).
-                "line": lines[index] if lines else index + 1,
+                "line": numbers[index],
             }
         )
+    if not rows:
+        return datasets.Dataset.from_dict({"prompt": [], "answer": [], "metadata": [], "line": []})
     return datasets.Dataset.from_list(rows)
 
 
 def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
-    """The train or eval split as a Dataset(prompt, answer, metadata)."""
+    """The train or eval split as a Dataset(prompt, answer, metadata[, line]), honouring every DataConfig
+    field: source, path/eval_path, name/split/eval_split, the column keys, the answer extractor and
+    num_train/num_eval (a file's train split keeps all its rows but the held-out ones)."""
     n = cfg.num_train if split == "train" else cfg.num_eval
     if n == 0 and cfg.source in ("addition", "reasoning_gym"):
         return datasets.Dataset.from_dict({"prompt": [], "answer": [], "metadata": []})
@@ -195,9 +233,15 @@ def load_split(cfg: DataConfig, split: str) -> datasets.Dataset:
             )
         rows = _reasoning_gym_rows(n, split, cfg.seed, cfg.generator, cfg.generator_kwargs)
         return datasets.Dataset.from_list(rows)
-    raw, lines = _file_rows(cfg, split)
-    origin = f"config error at data.path: {cfg.path!r} ({cfg.source}, {split} split)"
-    return _normalise(raw, cfg, origin, lines)
+    if cfg.source == "hub":
+        raw, numbers, name = hub_rows(cfg, split)
+        origin = f"config error at data.path: {cfg.path!r} (hub, {split} rows, from split {name!r})"
+        return _normalise(raw, cfg, origin, numbers)
+    raw, numbers, unit = _file_rows(cfg, split)
+    path = cfg.eval_path if split == "eval" and cfg.eval_path else cfg.path
+    key = "data.eval_path" if split == "eval" and cfg.eval_path else "data.path"
+    origin = f"config error at {key}: {path!r} ({cfg.source}, {split} split)"
+    return _normalise(raw, cfg, origin, numbers, unit)
 
 
 def load_splits(cfg: DataConfig) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -265,13 +309,48 @@ class PromptStream:
         self.cursor = int(state["cursor"])
 
 
+def _template_text(value: str) -> str:
+    """data.custom_chat_template: Jinja text as it is, or the file it names (read once)."""
+    if "{{" in value or "{%" in value:
+        return value
+    return _read_template(str(resolve_data_file(value, "data.custom_chat_template")))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_template(path: str) -> str:
+    return Path(path).read_text(encoding="utf-8")
+
+
+def chat_template(tokenizer: Any, cfg: DataConfig) -> str | None:
+    """The Jinja chat template the prompts go through, or None for the raw prompt: data.chat_template
+    auto uses the custom or the tokenizer's template when there is one (instruct models), true requires
+    one, false never uses one."""
+    if cfg.chat_template == "false":
+        return None
+    template = _template_text(cfg.custom_chat_template) if cfg.custom_chat_template else None
+    template = template or getattr(tokenizer, "chat_template", None) or None
+    if template is None and cfg.chat_template == "true":
+        raise ValueError(
+            "config error at data.chat_template: true, but the tokenizer has no chat template; give one "
+            "in data.custom_chat_template, or set data.chat_template=auto (the raw prompt for such a model)"
+        )
+    return template
+
+
 def prompt_text(tokenizer: Any, cfg: DataConfig, prompt: str) -> str:
-    """The text the policy sees: the template applied, and the chat template when configured."""
+    """The text the policy sees, the one place prompts are built (training's stream, the held-out split,
+    evaluation sets, cispo-eval and the warm start all come here): data.prompt_template filled in, then
+    the chat template (with data.system_prompt as the system message and the assistant's turn opened),
+    or, with none, the system prompt and a blank line before it."""
     text = cfg.prompt_template.format(prompt=prompt)
-    if cfg.chat_template:
-        messages = [{"role": "user", "content": text}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return text
+    template = chat_template(tokenizer, cfg)
+    if template is None:
+        return f"{cfg.system_prompt}\n\n{text}" if cfg.system_prompt else text
+    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    messages = [*system, {"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False, chat_template=template
+    )
 
 
 def encode_prompt(tokenizer: Any, cfg: DataConfig, prompt: str, max_tokens: int | None = None) -> list[int]:
@@ -299,9 +378,8 @@ def check_prompt_lengths(
     if too_long and not cfg.truncate_prompts:
         index, length = too_long[0]
         row = dataset[index]
-        where = (
-            f"{cfg.path!r} line {row['line']}" if cfg.source == "jsonl" else f"{split} split row {index + 1}"
-        )
+        path = cfg.eval_path if split == "eval" and cfg.eval_path else cfg.path
+        where = f"{path!r} line {row['line']}" if cfg.source == "jsonl" else f"{split} split row {index + 1}"
         raise ValueError(
             f"config error at data: {where}: the prompt is {length} tokens, more than the {limit} that {why} "
             f"({len(too_long)} such prompt(s) in the {split} split); shorten them, or set "

@@ -22,6 +22,7 @@ from cispo.driver.build import (
     build_stages,
     build_tracker,
     check_prompts,
+    prompt_limit,
     ranked_learner,
 )
 from cispo.driver.checkpoint import (
@@ -37,9 +38,10 @@ from cispo.driver.checkpoint import (
 )
 from cispo.driver.curriculum import LengthCurriculum
 from cispo.driver.data import load_splits
+from cispo.driver.eval_sets import build_eval_sets, check_eval_prompts, load_eval_sets, set_keys
 from cispo.driver.export import HF_DIR, INIT_DIR, policy_dir
 from cispo.driver.policy import builds_in_driver
-from cispo.driver.rollout_stage import rollout_stats
+from cispo.driver.rollout_stage import EvalResult, rollout_stats
 from cispo.driver.tracking import plot_curves
 from cispo.driver.update import (
     NonFiniteGuard,
@@ -60,6 +62,7 @@ class Loop:
         self.step, self.last_eval = 0, float("nan")
         self.run_id = ""  # the branch's id in every checkpoint manifest and hf/ marker (claim_branch)
         self.eval_step = -1  # the step of the last evaluation (a checkpoint's accuracy must be its own)
+        self.last_sets: dict[str, float] = {}  # every set's numbers at the last evaluation (result.json)
         self.generator = torch.Generator().manual_seed(seed)
         self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
         self.zero_variance = zero_variance or ZeroVarianceGuard(0)
@@ -178,13 +181,26 @@ def apply_stage(cfg: TrainConfig, stages: Stages) -> None:
 
 
 def evaluate(cfg: TrainConfig, stages: Stages, loop: Loop) -> dict[str, float]:
-    """Held-out evaluation: its samples go to their own table, its numbers to eval/* keys only."""
-    result = stages.rollout.evaluate(stages.curriculum.budget, loop.step)
-    loop.last_eval, loop.eval_step = result.accuracy, loop.step
-    stages.tracker.log_samples(
-        loop.step, _table_rows(result.samples, cfg.logging.table_samples), table="eval"
-    )
-    return {"eval/accuracy": result.accuracy, "eval/ran": 1, **result.metrics}
+    """Every evaluation set (eval.sets): the samples go to their own table (a `set` column), the numbers
+    to eval/* keys only; the first set's accuracy is the held-out accuracy (eval/accuracy, keep_best)."""
+    results = stages.rollout.evaluate_sets(stages.curriculum.budget, loop.step)
+    loop.last_eval, loop.eval_step = results[0].accuracy, loop.step
+    rows = [row for r in results for row in _eval_rows(r, cfg.logging.table_samples)]
+    stages.tracker.log_samples(loop.step, rows, table="eval")
+    loop.last_sets = sets_metrics(results)
+    counters = {k: v for r in results for k, v in r.metrics.items()}
+    return {"eval/accuracy": results[0].accuracy, "eval/ran": 1, **counters, **loop.last_sets}
+
+
+def sets_metrics(results: list[EvalResult]) -> dict[str, float]:
+    """eval/<set>/<metric> for every set. (The scorer's counters, result.metrics, are keyed eval/* for
+    the first set, as the single held-out evaluation logged them, and eval/<set>/* for the others.)"""
+    return {k: v for r in results for k, v in set_keys(r.name, r.set_metrics).items()}
+
+
+def _eval_rows(result: EvalResult, n: int) -> list[dict[str, object]]:
+    """The first `n` generations of a set (all of a prompt's samples together), each naming the set."""
+    return [{**row, "set": result.name} for row in _table_rows(result.samples, n)]
 
 
 def export_policy(stages: Stages, loop: Loop) -> None:
@@ -205,18 +221,22 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
     for message in moved:
         tracker.print(message)
     splits = load_splits(cfg.data)  # first: an empty or unreadable dataset fails before any model is built
+    eval_data = load_eval_sets(cfg)  # the evaluation sets' too
     tracker.print(
         f"run dir {run_dir}; loading policy {cfg.model.name} (tokenizer {cfg.model.tokenizer_spec()})"
     )
     warm = cfg.model.warmstart.enabled and resume_from is None
     model, tokenizer = build_model(cfg, builds_in_driver(cfg.model, ranked_learner(cfg), warm))
     check_prompts(cfg, tokenizer, splits, tracker.print)  # before the warm start: a long prompt fails now
+    check_eval_prompts(eval_data, tokenizer, *prompt_limit(cfg), tracker.print)
     info: dict[str, float] = {}
     if warm:
         info.update(warm_start_stage(cfg, model, tokenizer, splits, tracker.print))
     where = "in-process" if cfg.rollout.backend == "local" else f"{cfg.rollout.num_workers} Ray worker(s)"
     tracker.print(f"starting the {cfg.learner.backend} learner and the {cfg.rollout.engine} engine ({where})")
     stages, built = build_stages(cfg, run_dir, model, tokenizer, splits, tracker, resume_from is not None)
+    held_out = stages.rollout.eval_set
+    stages.rollout.eval_sets = build_eval_sets(eval_data, tokenizer, held_out, prompt_limit(cfg)[0])
     info.update(built)
     del model  # the learner holds its own (in this process) or loaded it on its ranks
     seconds = built["time/rollout_start_s"]
@@ -241,29 +261,43 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
         "steps": float(loop.step),
         "seconds": time.perf_counter() - started,
         **info,
+        **loop.last_sets,  # eval/<set>/<metric> of the last evaluation
     }
 
 
 def evaluate_only(cfg: TrainConfig, run_dir: Path) -> dict[str, float]:
-    """`cispo-eval`: model.name on the held-out split, written like a training run's evaluations
-    (metrics.jsonl row with eval/*, every generation in eval_samples.jsonl), with no training."""
+    """`cispo-eval`: model.name on every evaluation set (eval.sets; the default: the held-out split),
+    written like a training run's evaluations (metrics.jsonl row with eval/*, every generation in
+    eval_samples.jsonl), with no training; result.json holds eval/<set>/<metric> for each set."""
     model_dir = policy_dir(Path(cfg.model.name))
     if str(model_dir) != cfg.model.name:  # a run directory: its trained policy
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=str(model_dir)))
     tracker = build_tracker(cfg, run_dir, None)
+    eval_data = load_eval_sets(cfg)
     model, tokenizer = build_model(cfg)
     stage = build_eval_only_stage(cfg, run_dir, model, tokenizer)
     try:
-        result = stage.evaluate(LengthCurriculum(cfg.curriculum, cfg.rollout.max_new_tokens).budget)
-        tracker.log(0, {"eval/accuracy": result.accuracy, "eval/ran": 1, "eval/final": 1, **result.metrics})
-        tracker.log_samples(0, _table_rows(result.samples, len(result.samples)), table="eval")
+        check_eval_prompts(eval_data, tokenizer, *prompt_limit(cfg), tracker.print)
+        stage.eval_sets = build_eval_sets(eval_data, tokenizer, stage.eval_set, prompt_limit(cfg)[0])
+        results = stage.evaluate_sets(LengthCurriculum(cfg.curriculum, cfg.rollout.max_new_tokens).budget)
+        first, sets = results[0], sets_metrics(results)
+        counters = {k: v for r in results for k, v in r.metrics.items()}
+        tracker.log(0, {"eval/accuracy": first.accuracy, "eval/ran": 1, "eval/final": 1, **counters, **sets})
+        tracker.log_samples(0, [row for r in results for row in _eval_rows(r, len(r.samples))], table="eval")
         tracker.print(
-            f"held-out accuracy of {cfg.model.name}: {result.accuracy:.4f} ({len(result.samples)} samples)"
+            f"held-out accuracy of {cfg.model.name}: {first.accuracy:.4f} ({len(first.samples)} samples)"
         )
+        for r in results:
+            numbers = ", ".join(f"{k} {v:.4f}" for k, v in r.set_metrics.items())
+            tracker.print(f"  eval set {r.name}: {numbers} ({len(r.samples)} samples)")
     finally:
         stage.close()
         tracker.close()
-    return {"final_eval_accuracy": result.accuracy, "samples": float(len(result.samples))}
+    return {
+        "final_eval_accuracy": first.accuracy,
+        "samples": float(len(first.samples)),
+        **sets,  # eval/<set>/<metric>
+    }
 
 
 def run_loop(cfg: TrainConfig, stages: Stages, loop: Loop, info: dict[str, float]) -> None:

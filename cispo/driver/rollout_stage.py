@@ -28,6 +28,7 @@ from cispo.core.config import TrainConfig
 from cispo.core.stage import StageSettings
 from cispo.core.types import PromptGroup, RolloutStats, Sample, SamplingParams
 from cispo.driver.data import PromptStream
+from cispo.driver.eval_sets import EvalSet, held_out_set, score_set
 from cispo.driver.scoring import (
     ScoredGroup,
     Scorer,
@@ -46,11 +47,15 @@ Key = tuple[str, int, int, int]  # (kind, step, round, index in the data stream 
 
 @dataclass
 class EvalResult:
-    """One held-out evaluation: accuracy, the scored samples, and the eval scorer's own counters."""
+    """One set's evaluation: accuracy (correct samples over all), the scored samples, the eval scorer's
+    own counters (eval/* keys for the first set, eval/<set>/* for the others), and the set's metrics
+    (accuracy, pass@k, mean@k: cispo.driver.eval_metrics)."""
 
     accuracy: float
     samples: list[Sample] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    name: str = "held_out"
+    set_metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -76,6 +81,8 @@ class RolloutStage:
         # of a training step.
         self.scorer, self.eval_scorer = scorers
         self.stream, self.eval_set = stream, eval_set
+        # What every evaluation runs: the held-out split, greedy, until the loop sets the run's eval.sets.
+        self.eval_sets: list[EvalSet] = [held_out_set(eval_set)]
         self.settings: StageSettings | None = None  # the curriculum stage's (temperature, repetition stop)
         # A sample earns "correct" in evaluation when every reward gives its best.
         self.full_reward = full_score(cfg.reward.rewards)
@@ -145,19 +152,27 @@ class RolloutStage:
         """The curriculum stage's sampling settings, from the next scheduled step on."""
         self.settings = settings
 
-    def sampling(self, budget: int, evaluation: bool = False, seed: int | None = None) -> SamplingParams:
-        """Training sampling, or evaluation sampling: greedy when rollout.eval_temperature is 0."""
+    def sampling(
+        self,
+        budget: int,
+        evaluation: bool = False,
+        seed: int | None = None,
+        eval_temperature: float | None = None,
+    ) -> SamplingParams:
+        """Training sampling, or evaluation sampling at `eval_temperature` (None: rollout.eval_temperature):
+        greedy when that is 0."""
         r, s = self.cfg.rollout, self.settings
-        greedy = evaluation and r.eval_temperature == 0
+        eval_t = r.eval_temperature if eval_temperature is None else eval_temperature
+        greedy = evaluation and eval_t == 0
         train_temperature = s.temperature if s is not None and s.temperature is not None else r.temperature
-        temperature = r.eval_temperature if evaluation and not greedy else train_temperature
+        temperature = eval_t if evaluation and not greedy else train_temperature
         stop = s.repetition_stop_tokens if s is not None and s.repetition_stop_tokens is not None else None
         return SamplingParams(
             max_new_tokens=budget,
             temperature=1.0 if greedy else temperature,
             top_p=1.0 if greedy else r.top_p,
             top_k=1 if greedy else r.top_k,  # top-k 1 is exact greedy decoding
-            eos_token_ids=(self.tokenizer.eos_token_id,),
+            eos_token_ids=(self.tokenizer.eos_token_id,) if evaluation or r.stop_on_eos else (),
             pad_token_id=self.tokenizer.pad_token_id,
             repetition_stop_tokens=r.repetition_stop_tokens if stop is None else stop,
             repetition_prob=r.repetition_prob,
@@ -282,17 +297,38 @@ class RolloutStage:
 
     # ---------------------------------------------------------------------------------- evaluation
     def evaluate(self, budget: int, step: int = 0) -> EvalResult:
-        """Held-out accuracy at the newest version: the fraction of responses that earn the full reward."""
-        if not self.eval_set:
-            return EvalResult(float("nan"))
-        params = self.sampling(budget, evaluation=True, seed=self.seed(step, 0, salt=1))
-        keys: list[Key] = [("eval", step, 0, g.index) for g in self.eval_set]
-        self.gen.add(self._jobs("eval", step, 0, self.eval_set, params, self.version, -1.0))
-        scored = self.scoring.take(list(keys), alive=self._alive)
-        samples = [s for g in scored for s in g.samples]
-        accuracy = sum(s.reward >= self.full_reward - 1e-6 for s in samples) / len(samples)
-        metrics = {f"eval/{k}": v for k, v in combine_group_metrics([g.metrics for g in scored]).items()}
-        return EvalResult(accuracy, samples, metrics)
+        """The first set's evaluation (the held-out accuracy) at the newest version: the fraction of
+        responses that earn the full reward."""
+        return self.evaluate_sets(budget, step, self.eval_sets[:1])[0]
+
+    def evaluate_sets(
+        self, budget: int, step: int = 0, sets: list[EvalSet] | None = None
+    ) -> list[EvalResult]:
+        """Every set (default: self.eval_sets) at the newest version, all queued at once. Set i's groups
+        are keyed and seeded as round i of the evaluation, so the first set draws what the single
+        held-out evaluation always drew."""
+        sets = self.eval_sets if sets is None else sets
+        keys: list[list[Key]] = []
+        for i, eval_set in enumerate(sets):
+            keys.append([("eval", step, i, g.index) for g in eval_set.groups])
+            if eval_set.groups:
+                seed = self.seed(step, i, salt=1)
+                params = self.sampling(budget, True, seed, eval_set.cfg.temperature)
+                self.gen.add(self._jobs("eval", step, i, eval_set.groups, params, self.version, -1.0))
+        results = []
+        for i, eval_set in enumerate(sets):
+            name = eval_set.cfg.name
+            if not eval_set.groups:
+                results.append(EvalResult(float("nan"), name=name))
+                continue
+            scored = self.scoring.take(list(keys[i]), alive=self._alive)
+            prefix = "eval/" if i == 0 else f"eval/{name}/"
+            counters = combine_group_metrics([g.metrics for g in scored])
+            metrics = {f"{prefix}{k}": v for k, v in counters.items()}
+            values = score_set(eval_set, [g.samples for g in scored], self.full_reward)
+            samples = [s for g in scored for s in g.samples]
+            results.append(EvalResult(values["accuracy"], samples, metrics, name, values))
+        return results
 
     # ---------------------------------------------------------------------------------- weights
     def load_weights(self, weights: dict[str, Any], version: int) -> float:

@@ -68,6 +68,8 @@ def cache_key(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, content: 
                 "generator_kwargs",
                 "prompt_template",
                 "chat_template",
+                "custom_chat_template",
+                "system_prompt",
                 "seed",
                 "num_train",
                 "num_eval",

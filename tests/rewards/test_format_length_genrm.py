@@ -117,3 +117,14 @@ CALLS: list[list[str]] = []
 def counting_judge(prompts: list[str]) -> list[str]:
     CALLS.append(list(prompts))
     return judge(prompts)
+
+
+def test_char_share_counts_the_share_of_allowed_characters() -> None:
+    reward = get_reward("char_share")
+    assert reward(RewardInput(prompt="", completion="12ab")).score == pytest.approx(0.5)
+    letters = get_reward("char_share", chars="abc")
+    assert letters(RewardInput(prompt="", completion="a1b2c3x")).score == pytest.approx(3 / 7)
+    empty = reward(RewardInput(prompt="", completion=""))
+    assert empty.score == 0.0 and "empty" in empty.reason
+    with pytest.raises(ValueError, match="chars"):
+        get_reward("char_share", chars="")(RewardInput(prompt="", completion="1"))

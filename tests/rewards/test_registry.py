@@ -41,11 +41,12 @@ def plugin_out_of_range(inp: RewardInput) -> float:
 
 def test_builtin_names_registered() -> None:
     names = set(available_rewards())
-    assert {"math", "logic", "code", "code_io", "format", "overlong", "exact_match", "genrm"} <= names
+    builtin = {"math", "logic", "code", "code_io", "format", "overlong", "exact_match", "genrm", "char_share"}
+    assert builtin <= names
 
 
 def test_unknown_name_lists_registered() -> None:
-    with pytest.raises(ValueError, match=r"unknown reward 'nope'; registered: code, code_io"):
+    with pytest.raises(ValueError, match=r"unknown reward 'nope'; registered: char_share, code, code_io"):
         get_reward("nope")
 
 

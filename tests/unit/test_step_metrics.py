@@ -98,3 +98,14 @@ def test_eval_sampling_follows_rollout_eval_temperature(eval_temperature: float,
     assert (params.top_k, params.temperature) == ((1, 1.0) if greedy else (5, 0.7))
     train = stage.sampling(budget=12)
     assert (train.top_k, train.temperature) == (5, 1.0)
+
+
+def test_stop_on_eos_false_runs_training_responses_to_the_budget_but_not_evaluation():
+    cfg = TrainConfig(rollout=RolloutConfig(stop_on_eos=False))
+    stage = RolloutStage(cfg, _Tok(), manager=None, scorers=(None, None), stream=None, eval_set=[])
+    assert stage.sampling(budget=12).eos_token_ids == ()
+    assert stage.sampling(budget=12, evaluation=True).eos_token_ids == (1,)
+    default = RolloutStage(
+        TrainConfig(), _Tok(), manager=None, scorers=(None, None), stream=None, eval_set=[]
+    )
+    assert default.sampling(budget=12).eos_token_ids == (1,)
