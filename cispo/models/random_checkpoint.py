@@ -73,7 +73,14 @@ def write_random_checkpoint(path: Path | str, sizes: Sizes = Sizes(), seed: int 
         **dict.fromkeys(("full_attn_alpha_factor", "linear_attn_alpha_factor", "mlp_alpha_factor"), alpha),
     )
     torch.manual_seed(seed)
-    model = honour_partial_rotary(MiniMaxForCausalLM(config)).to(torch.bfloat16)
+    model = honour_partial_rotary(MiniMaxForCausalLM(config))
+    # nn.Embedding(padding_idx=pad) leaves the pad row at zero, which no trained checkpoint has, and a
+    # random model samples <pad>. That position's hidden state is then zero in every lightning layer
+    # (no biases), where each RMSNorm's backward scales the gradient by 1/sqrt(eps) = 316: inf by layer 0,
+    # so DeepSpeed skipped each update with such a row (tests/models/test_random_checkpoint.py).
+    with torch.no_grad():
+        model.get_input_embeddings().weight[config.pad_token_id].normal_(0.0, config.initializer_range)
+    model = model.to(torch.bfloat16)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
