@@ -4,16 +4,18 @@ cispo-plan                                           # the default run, as if on
 cispo-plan experiment=minimax_m1_512gpu              # the 512-GPU preset, every curriculum stage
 cispo-plan experiment=minimax_m1_512gpu --gpu B200   # or plan.gpu=B200
 cispo-plan learner.zero_stage=2 plan.recompute=false plan.prompt_tokens=2048 plan.mfu_train=0.4
+cispo-plan experiment=minimax_m1_512gpu --gpu H100 learner.sequence_parallel_size=2   # Ulysses SP
 
 It takes the same Hydra config as cispo-train (composed and validated the same way: unknown keys, bad
 values and unresolvable names fail with the key's name, exit 2) plus plan options (`--gpu`, `plan.KEY=V`,
 see PlanOptions). It prints the placement (nodes x GPUs for the learner and for rollout), per-GPU learner
-memory (parameters, gradients, Adam states for the ZeRO stage, activations, the FP32 log-prob head), per-GPU
-rollout memory (weights / tensor-parallel size, the softmax layers' KV cache and the lightning layers'
-fixed state for the concurrent sequences at each stage's budget), tokens per step and a step-time estimate:
-FLOPs (6 x active x tokens to train, 2 x active x tokens to generate, plus attention) at an assumed MFU, and
-for decoding the HBM-bandwidth floor as well. The formulas are in cispo/driver/sizing.py. When something
-does not fit it says which term, per stage, and exits 1.
+memory (parameters, gradients, Adam states for the ZeRO stage, activations, the FP32 log-prob head; with
+learner.sequence_parallel_size S each rank holds 1/S of a micro-batch's tokens), the smallest S that fits
+each stage, per-GPU rollout memory (weights / tensor-parallel size, the softmax layers' KV cache and the
+lightning layers' fixed state for the concurrent sequences at each stage's budget), tokens per step and a
+step-time estimate: FLOPs (6 x active x tokens to train, 2 x active x tokens to generate, plus attention)
+at an assumed MFU, for decoding the HBM-bandwidth floor as well, and the sequence-parallel all-to-alls at
+NVLink bandwidth. The formulas are in cispo/driver/sizing.py. What does not fit: its term, per stage; exit 1.
 
 Model facts: the tiny in-repo MiniMax is built from model.arch and counted; a local directory's
 config.json is read; hub ids that may not load offline come from sizing.KNOWN_ARCHS (MiniMax-Text-01 / M1).
@@ -43,6 +45,7 @@ class PlanOptions:
     mfu_generate: float = 0.10  # ... and for generation (decoding is bandwidth-bound; see the HBM floor)
     prompt_tokens: int = 1024  # prompt length assumed per sequence
     recompute: bool | None = None  # per-layer activation checkpointing (None: learner.gradient_checkpointing)
+    sp_bandwidth_gb_s: float = 0.0  # all-to-all bandwidth per GPU and direction (0: the GPU's NVLink)
 
     def __post_init__(self) -> None:
         if self.gpu not in GPUS:
@@ -52,6 +55,8 @@ class PlanOptions:
                 raise ValueError(f"config error at plan.{key}: must be in (0, 1]")
         if self.prompt_tokens < 0:
             raise ValueError("config error at plan.prompt_tokens: must be >= 0")
+        if self.sp_bandwidth_gb_s < 0:
+            raise ValueError("config error at plan.sp_bandwidth_gb_s: must be >= 0 (0: the GPU's NVLink)")
 
 
 @dataclass
@@ -65,7 +70,11 @@ class StagePlan:
     rollout: dict[str, float]
     learner: dict[str, float]
     activations_other: float  # the activation term with recompute flipped, for comparison
-    train_s: float
+    sp: int  # learner.sequence_parallel_size, as configured
+    sp_fit: int | None  # the smallest sequence-parallel size whose learner memory fits; None: none does
+    learner_at_fit: dict[str, float]  # learner memory at sp_fit (at the largest candidate when None)
+    train_s: float  # compute at the assumed MFU plus the all-to-alls
+    all_to_all_s: float  # the sequence-parallel all-to-alls, part of train_s
     generate_s: float  # FLOPs at the assumed MFU
     decode_floor_s: float  # HBM bandwidth floor
     step_s: float
@@ -170,6 +179,9 @@ def placement(cfg: TrainConfig, tp: int, arch: Arch) -> tuple[list[str], list[st
     learner_gpus = cluster.learner_gpus or (ranks if per_node else 0)
     rollout_gpus = cluster.rollout_gpus or round(rollout.num_workers * rollout.num_gpus_per_worker)
     how = f"ZeRO-{learner.zero_stage}" if learner.backend == "deepspeed" else "one process"
+    sp = sequence_parallel_size(cfg)
+    if sp > 1:
+        how += f" over all ranks; {ranks // sp} data parallel x sequence parallel {sp} (Ulysses)"
     offload = (
         ", optimizer states on the CPU"
         if learner.backend == "deepspeed" and learner.offload_optimizer
@@ -197,6 +209,12 @@ def placement(cfg: TrainConfig, tp: int, arch: Arch) -> tuple[list[str], list[st
         )
     if arch.heads % tp:
         failures.append(f"rollout tensor parallel: {arch.heads} attention heads not divisible by {tp}")
+    if sp not in (candidates := sizing.sp_candidates(ranks, per_node, arch)):
+        failures.append(
+            f"learner.sequence_parallel_size {sp}: a power of 2 dividing the {ranks} ranks, "
+            f"{'the ' + str(per_node) + ' GPUs per node ' if per_node else ''}and the {arch.heads} "
+            f"attention heads: one of {candidates}"
+        )
     return lines, failures
 
 
@@ -209,10 +227,26 @@ def budgets(cfg: TrainConfig) -> list[int]:
     return [cfg.rollout.max_new_tokens]
 
 
+def sequence_parallel_size(cfg: TrainConfig) -> int:
+    """learner.sequence_parallel_size (read with getattr: 1 on a schema without it; torch: one process)."""
+    if cfg.learner.backend != "deepspeed":
+        return 1
+    return int(getattr(cfg.learner, "sequence_parallel_size", 1))
+
+
+def learner_setup(cfg: TrainConfig, opts: PlanOptions, mbt: int, sp: int) -> LearnerSetup:
+    learner = cfg.learner
+    ranks = learner.num_ranks if learner.backend == "deepspeed" else 1
+    return LearnerSetup(
+        learner.backend, ranks, learner.zero_stage, cfg.model.dtype == "bfloat16", learner.offload_optimizer,
+        mbt, bool(opts.recompute), learner.logprob_chunk_size, sp,
+    )  # fmt: skip
+
+
 def plan_stage(
     cfg: TrainConfig, arch: Arch, gpu: Gpu, opts: PlanOptions, engine: dict[str, Any], budget: int
 ):
-    rollout, learner = cfg.rollout, cfg.learner
+    rollout = cfg.rollout
     tp, util = int(engine["tensor_parallel_size"]), float(engine["gpu_memory_utilization"])
     sequences = cfg.data.prompts_per_step * cfg.algorithm.group_size
     row = opts.prompt_tokens + budget
@@ -221,19 +255,21 @@ def plan_stage(
     rollout_bytes = 2 if rollout.dtype == "bfloat16" else 4
     r_setup = RolloutSetup(tp, rollout_bytes, concurrent, row, util)
     r_mem = sizing.rollout_memory(arch, r_setup)
-    mbt = sizing.micro_batch_tokens(learner.micro_batch_tokens, row)
+    mbt = sizing.micro_batch_tokens(cfg.learner.micro_batch_tokens, row)
     if opts.recompute is None:
-        opts.recompute = learner.gradient_checkpointing
-    ranks = learner.num_ranks if learner.backend == "deepspeed" else 1
-    setup = LearnerSetup(
-        learner.backend, ranks, learner.zero_stage, cfg.model.dtype == "bfloat16", learner.offload_optimizer,
-        mbt, opts.recompute, learner.logprob_chunk_size,
-    )  # fmt: skip
+        opts.recompute = cfg.learner.gradient_checkpointing
+    sp = sequence_parallel_size(cfg)
+    setup = learner_setup(cfg, opts, mbt, sp)
     l_mem = sizing.learner_memory(arch, setup)
-    other = sizing.activation_bytes(arch, mbt, 2 if setup.bf16 else 4, not opts.recompute)
+    act_bytes = 2 if setup.bf16 else 4
+    other = sizing.activation_bytes(arch, sizing.ceil_div(mbt, sp), act_bytes, not opts.recompute)
+    memory = gpu.memory_gib * GIB
+    sp_fit, at_fit = sizing.smallest_sp(arch, setup, cfg.cluster.gpus_per_node, LEARNER_USABLE * memory)
     train_flops = 6 * sizing.flop_params(arch) * sequences * row
     train_flops += sequences * sizing.attention_train_flops(arch, row)
-    train_s = sizing.seconds(train_flops, ranks, gpu, opts.mfu_train)
+    sent = sizing.ulysses_bytes(arch, sequences * row / setup.ranks, sp, act_bytes, setup.recompute)
+    a2a_s = sent / ((opts.sp_bandwidth_gb_s or gpu.nvlink_gb_s) * 1e9)
+    train_s = sizing.seconds(train_flops, setup.ranks, gpu, opts.mfu_train) + a2a_s
     gen_flops = sequences * sizing.generation_flops(arch, opts.prompt_tokens, budget)
     generate_s = sizing.seconds(gen_flops, rollout.num_workers * tp, gpu, opts.mfu_generate)
     waves = sizing.ceil_div(per_worker, concurrent)
@@ -242,16 +278,19 @@ def plan_stage(
     gen_time = max(generate_s, floor_s)
     step_s = max(gen_time, train_s) if cfg.algorithm.max_staleness else gen_time + train_s
     stage = StagePlan(
-        budget, sequences, sequences * row, concurrent, waves, mbt, r_mem, l_mem, other, train_s,
-        generate_s, floor_s, step_s,
+        budget, sequences, sequences * row, concurrent, waves, mbt, r_mem, l_mem, other, sp, sp_fit, at_fit,
+        train_s, a2a_s, generate_s, floor_s, step_s,
     )  # fmt: skip
-    memory = gpu.memory_gib * GIB
     if (why := sizing.over(r_mem, util * memory)) is not None:
         stage.failures.append(
             f"rollout memory per GPU: {why} (gpu_memory_utilization {util:g} of {gpu.name})"
         )
     if (why := sizing.over(l_mem, LEARNER_USABLE * memory)) is not None:
-        stage.failures.append(f"learner memory per GPU: {why} ({LEARNER_USABLE:g} of {gpu.name})")
+        hint = (
+            f"; learner.sequence_parallel_size={sp_fit} fits" if sp_fit and sp_fit > sp
+            else "; no sequence-parallel size fits" if sp_fit is None else ""
+        )  # fmt: skip
+        stage.failures.append(f"learner memory per GPU: {why} ({LEARNER_USABLE:g} of {gpu.name}){hint}")
     return stage
 
 
@@ -275,6 +314,9 @@ def make_plan(cfg: TrainConfig, opts: PlanOptions, arch: Arch | None = None) -> 
         "or plan.recompute to ask what if): per-layer checkpointing",
         f"learner GPUs keep {1 - LEARNER_USABLE:.0%} free; engines use gpu_memory_utilization "
         f"{engine['gpu_memory_utilization']:g}",
+        f"sequence parallel (Ulysses) all-to-alls at {opts.sp_bandwidth_gb_s or gpu.nvlink_gb_s:g} GB/s per "
+        "GPU and direction (plan.sp_bandwidth_gb_s; default the GPU's peak NVLink: an SP group stays in a "
+        "node), not overlapped with compute",
         *notes,
     ]
     return Plan(arch, gpu, opts, lines, assumptions, stages, counted, failures)
@@ -318,31 +360,54 @@ def render(p: Plan, title: str = "") -> str:
         *(f"assume      {line}" for line in p.assumptions),
     ]
     last = p.stages[-1]
-    out.append(f"learner per GPU at budget {last.budget} (micro-batch {last.micro_batch_tokens} tokens): "
-               f"{_terms(last.learner)}; activations without{' ' if p.options.recompute else 'with '}"
-               f"recompute would be {_gib(last.activations_other)}")  # fmt: skip
+    held = f", {sizing.ceil_div(last.micro_batch_tokens, last.sp)} per rank at sequence parallel {last.sp}"
+    out.append(f"learner per GPU at budget {last.budget} (micro-batch {last.micro_batch_tokens} tokens"
+               f"{held if last.sp > 1 else ''}): {_terms(last.learner)}; activations without"
+               f"{' ' if p.options.recompute else 'with '}recompute would be "
+               f"{_gib(last.activations_other)}")  # fmt: skip
     out.append(
         f"rollout per GPU at budget {last.budget} ({last.concurrent} sequences per engine): "
         + _terms(last.rollout)
     )
     header = (
-        "stage  budget  seqs/step  tokens/step  conc. waves  rollout GiB  learner GiB"
-        "  generate (FLOP | HBM)  train  step"
+        "stage  budget  seqs/step  tokens/step  conc. waves  rollout GiB  learner GiB (SP)  smallest SP"
+        "  generate (FLOP | HBM)    train (all-to-all)  step"
     )
     out += ["", header]
     for i, s in enumerate(p.stages):
+        smallest = f"{s.sp_fit}: {sum(s.learner_at_fit.values()) / GIB:.1f}" if s.sp_fit else "none"
         out.append(
             f"{i + 1:>5}  {s.budget:>6}  {s.sequences:>9}  {_count(s.tokens):>11}  "
             f"{s.concurrent:>5} {s.waves:>5}  "
-            f"{sum(s.rollout.values()) / GIB:>11.1f}  {sum(s.learner.values()) / GIB:>11.1f}  "
-            f"{_duration(s.generate_s):>9} | {_duration(s.decode_floor_s):<9}  {_duration(s.train_s):>7}  "
+            f"{sum(s.rollout.values()) / GIB:>11.1f}  {sum(s.learner.values()) / GIB:>11.1f} ({s.sp:>2})  "
+            f"{smallest:>11}  {_duration(s.generate_s):>9} | {_duration(s.decode_floor_s):<9}  "
+            f"{_duration(s.train_s):>8} ({_duration(s.all_to_all_s) if s.sp > 1 else '-'})  "
             f"{_duration(s.step_s)}"
         )
+    out += sequence_parallel_notes(p.stages)
     failures = p.all_failures
     out.append("")
     out.append("fits" if not failures else f"does not fit ({len(failures)}):")
     out += [f"  {f}" for f in failures]
     return "\n".join(out)
+
+
+def sequence_parallel_notes(stages: list[StagePlan]) -> list[str]:
+    """Does the configured sequence-parallel size fit each stage; which stages need none; which none fits."""
+    sp, which = stages[0].sp, lambda keep: ", ".join(str(i + 1) for i, s in enumerate(stages) if keep(s))
+    short = which(lambda s: s.sp_fit is None or s.sp_fit > sp)
+    notes = [
+        f"sequence parallel: learner.sequence_parallel_size={sp} "
+        + (f"does not fit stage(s) {short}" if short else "fits every stage")
+        + "; the smallest that fits per stage: "
+        + ", ".join(str(s.sp_fit or "none") for s in stages)
+        + " (learner GiB with it under 'smallest SP')"
+    ]
+    if plain := which(lambda s: s.sp_fit == 1):
+        notes.append(f"sequence parallel: stage(s) {plain} fit with none (size 1)")
+    if never := which(lambda s: s.sp_fit is None):
+        notes.append(f"sequence parallel: no size fits stage(s) {never}")
+    return notes
 
 
 # ---------------------------------------------------------------- command line

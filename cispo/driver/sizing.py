@@ -24,11 +24,27 @@ no T^2 term, no dropout):
                                             input, plus one layer rebuilt in full during backward)
 The FP32 log-prob head (cispo.algo.logprobs) adds T*h*4 (hidden states kept in FP32) + 3*c*V*4 (one
 chunk of c rows: logits, softmax, gradient).
+
+Sequence parallelism (Ulysses, learner.sequence_parallel_size = S; num_ranks = DP x S): each rank of an
+S-group holds T/S tokens of the micro-batch, so the activations and the log-prob head above are taken at
+T/S tokens. Around attention an all-to-all swaps the sequence split for a head split: the rank then runs
+attention over the full sequence for H/S heads (S divides H; KV heads fewer than S, or not divisible by
+it, are replicated first, as cispo/learner/sequence_parallel.py does), which is the same number of
+elements (T x q/S = T/S x q) and, with flash/SDPA or lightning blocks, no T^2 term; the
+lightning per-block d x d states and B x B tiles are per head, so they divide by S too. What SP adds is
+the all-to-all's receive buffer, one layer at a time: T/S x (q + 2kv) (softmax) or T/S x 3q (lightning)
+elements ("Ulysses buffers"). Parameters, gradients and Adam states stay partitioned (ZeRO) over all
+num_ranks = DP x S ranks, as without SP.
+Ulysses traffic per attention layer (softmax and lightning alike): forward, q, k, v in (q + 2kv elements
+per token, kv after that replication; 3q for lightning, which has no GQA) and the output back (q);
+backward the same again; with
+recompute the forward's once more. Each rank sends (S-1)/S of the tensors it holds (the 1/S kept for its
+own heads stays put) and receives as much.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 GIB = 1024**3
 
@@ -39,14 +55,19 @@ class Gpu:
     memory_gib: float  # what the driver reports as total (nvidia-smi MiB / 1024)
     bf16_tflops: float  # dense (no sparsity) BF16 peak, TFLOP/s
     hbm_tb_s: float  # memory bandwidth, TB/s
+    # NVLink bandwidth per GPU and direction, GB/s: what the learner's sequence-parallel all-to-alls run
+    # at, since an SP group sits inside one node (SP divides gpus_per_node). Peak: NCCL's all-to-all gets
+    # less, so the all-to-all time is a lower bound (plan.sp_bandwidth_gb_s sets another figure).
+    nvlink_gb_s: float = 450.0
 
 
 # SXM parts. H100 80 GB: 81559 MiB, 989 TFLOP/s, 3.35 TB/s; H200 141 GB: 143771 MiB, same compute,
-# 4.8 TB/s; B200 (HGX) 180 GB: 183359 MiB, 2.25 PFLOP/s dense BF16, 8 TB/s.
+# 4.8 TB/s; B200 (HGX) 180 GB: 183359 MiB, 2.25 PFLOP/s dense BF16, 8 TB/s. NVLink: H100 / H200 NVLink 4,
+# 900 GB/s per GPU both directions together (450 each way); B200 NVLink 5, 1.8 TB/s (900 each way).
 GPUS: dict[str, Gpu] = {
-    "H100": Gpu("H100", 79.6, 989.4, 3.35),
-    "H200": Gpu("H200", 140.4, 989.4, 4.8),
-    "B200": Gpu("B200", 179.1, 2250.0, 8.0),
+    "H100": Gpu("H100", 79.6, 989.4, 3.35, 450.0),
+    "H200": Gpu("H200", 140.4, 989.4, 4.8, 450.0),
+    "B200": Gpu("B200", 179.1, 2250.0, 8.0, 900.0),
 }
 
 
@@ -180,6 +201,7 @@ class LearnerSetup:
     tokens: int  # tokens of the largest micro-batch a rank runs
     recompute: bool
     chunk: int  # learner.logprob_chunk_size
+    sp: int = 1  # learner.sequence_parallel_size: a rank holds tokens / sp of each micro-batch
 
 
 # DeepSpeed defaults: stage3_max_live_parameters 1e9, reduce / allgather buckets 5e8 elements.
@@ -208,9 +230,69 @@ def learner_memory(arch: Arch, s: LearnerSetup) -> dict[str, float]:
         }
     else:
         terms = {"parameters": b * p, "gradients": b * p, "optimizer states": 2 * b * p}
-    terms["activations"] = activation_bytes(arch, s.tokens, b, s.recompute)
-    terms["log-prob head"] = head_bytes(arch, s.tokens, s.chunk)
+    local = ceil_div(s.tokens, s.sp)  # the tokens of the micro-batch this rank holds
+    terms["activations"] = activation_bytes(arch, local, b, s.recompute)
+    terms["log-prob head"] = head_bytes(arch, local, s.chunk)
+    if s.sp > 1:
+        terms["Ulysses buffers"] = ulysses_buffer_bytes(arch, local, s.sp, b)
     return terms
+
+
+# ---------------------------------------------------------------- sequence parallelism (Ulysses)
+
+
+def exchanged_kv_heads(arch: Arch, sp: int) -> int:
+    """KV heads a softmax layer exchanges: replicated to sp (or, failing that, to one per query head) when
+    sp does not divide them, as cispo.learner.sequence_parallel does so each rank gets its heads' K, V."""
+    if arch.kv_heads % sp == 0:
+        return arch.kv_heads
+    return sp if sp % arch.kv_heads == 0 else arch.heads
+
+
+def ulysses_in_out_elems(arch: Arch, kind: str, sp: int) -> tuple[int, int]:
+    """Elements per token an attention layer's all-to-alls move: (q, k, v in; the output back)."""
+    q, kv = arch.q_dim, exchanged_kv_heads(arch, sp) * arch.head_dim
+    return (3 * q if kind == "linear" else q + 2 * kv), q
+
+
+def ulysses_buffer_bytes(arch: Arch, local_tokens: int, sp: int, act_bytes: int) -> float:
+    """The all-to-all's receive buffer for the widest layer's q, k, v (one layer at a time)."""
+    widest = max(ulysses_in_out_elems(arch, kind, sp)[0] for kind in set(arch.layer_types))
+    return local_tokens * widest * act_bytes
+
+
+def ulysses_bytes(arch: Arch, local_tokens: float, sp: int, act_bytes: int, recompute: bool) -> float:
+    """Bytes one rank sends (and as many it receives) in all-to-alls for `local_tokens` tokens it holds,
+    forward and backward (and the forward again under recompute), over every attention layer."""
+    if sp <= 1:
+        return 0.0
+    per_token = sum(sum(ulysses_in_out_elems(arch, kind, sp)) for kind in arch.layer_types)
+    passes = 3 if recompute else 2
+    return (sp - 1) / sp * local_tokens * act_bytes * per_token * passes
+
+
+def smallest_sp(
+    arch: Arch, s: LearnerSetup, gpus_per_node: int, limit: float
+) -> tuple[int | None, dict[str, float]]:
+    """The smallest sequence-parallel size whose learner memory fits `limit` bytes, and that memory;
+    (None, the memory at the largest candidate) when none does."""
+    memory: dict[str, float] = {}
+    for sp in sp_candidates(s.ranks, gpus_per_node, arch):
+        memory = learner_memory(arch, replace(s, sp=sp))
+        if over(memory, limit) is None:
+            return sp, memory
+    return None, memory
+
+
+def sp_candidates(ranks: int, gpus_per_node: int, arch: Arch) -> list[int]:
+    """Sequence-parallel sizes possible: powers of 2 dividing the ranks, the GPUs of a node (an SP group
+    stays on NVLink; 0, a CPU cluster, does not bound it) and the attention heads (KV heads replicate)."""
+    bounds = [ranks, arch.heads] + ([gpus_per_node] if gpus_per_node > 0 else [])
+    out, sp = [], 1
+    while all(n % sp == 0 for n in bounds):
+        out.append(sp)
+        sp *= 2
+    return out
 
 
 def micro_batch_tokens(budget_tokens: int, row_tokens: int) -> int:
