@@ -3,7 +3,9 @@
 The naive path builds the full [T, V] logits (and autograd keeps them, plus the softmax, for backward):
 8 GB at T=4096 with a 152K vocabulary. Here the logits of one chunk of rows exist at a time, forward
 and backward; backward recomputes each chunk's logits from the saved hidden states instead of storing
-them, which costs one extra matmul per chunk and saves O(T * V) memory.
+them, which costs one extra matmul per chunk and saves O(T * V) memory. Except when all rows fit in one
+chunk (short minibatches, e.g. K = 16 small updates per rollout batch): then backward would rebuild that
+one chunk anyway, so forward keeps its log-softmax for it instead (no higher peak, one matmul less).
 
 The head runs in FP32 whatever the model's dtype (the MiniMax-M1 report found that bf16 logits make
 training and inference probabilities disagree): hidden states and the head weight are upcast per chunk.
@@ -33,15 +35,21 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         logprobs = torch.empty(n, dtype=torch.float32, device=hidden.device)
         entropy = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=hidden.device)
         lse_all = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        # One chunk in all: its log-softmax is what backward would recompute (bit for bit), so keep it.
+        keep = n <= chunk_size and any(ctx.needs_input_grad[:3])  # False under no_grad
+        ctx.log_p = None
         for start in range(0, n, chunk_size):
             stop = min(start + chunk_size, n)
             logits = _chunk_logits(hidden[start:stop], weight32, bias32, inv_temp)
             lse = torch.logsumexp(logits, dim=-1)
             lse_all[start:stop] = lse
             logprobs[start:stop] = logits.gather(1, targets[start:stop, None]).squeeze(1) - lse
-            if with_entropy:
+            if with_entropy or keep:
                 log_p = logits.sub_(lse[:, None])
+            if with_entropy:
                 entropy[start:stop] = -(torch.exp(log_p) * log_p).sum(-1)
+            if keep:
+                ctx.log_p = log_p
             del logits
         ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
         ctx.chunk_size, ctx.inv_temp = chunk_size, inv_temp
@@ -60,9 +68,12 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             stop = min(start + ctx.chunk_size, hidden.shape[0])
             h = hidden[start:stop].to(torch.float32)
-            logits = _chunk_logits(h, weight32, bias32, ctx.inv_temp)
+            # Used once: a second backward (retain_graph) recomputes.
+            log_p, ctx.log_p = ctx.log_p, None
+            if log_p is None:
+                log_p = _chunk_logits(h, weight32, bias32, ctx.inv_temp).sub_(lse_all[start:stop, None])
             # d logp_t / d z = onehot(target) - softmax(z); scaled by the incoming grad and 1/temperature.
-            grad_logits = logits.sub_(lse_all[start:stop, None]).exp_().neg_()
+            grad_logits = log_p.exp_().neg_()
             rows = torch.arange(stop - start, device=h.device)
             grad_logits[rows, targets[start:stop]] += 1.0
             grad_logits.mul_(grad_logprobs[start:stop, None].to(torch.float32) * ctx.inv_temp)
@@ -72,7 +83,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 grad_weight.addmm_(grad_logits.t(), h)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
-            del logits, grad_logits
+            del log_p, grad_logits
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         if grad_bias is not None:
