@@ -1,7 +1,9 @@
 """Packed against padded learner updates: trained tokens/s and the padded fraction.
 
-A dense tiny Qwen2 (packing is exact for it) takes one CISPO train_step (forward, backward, AdamW) on
-rows of mixed length: prompts of 32 tokens, responses uniform in [8, max_response]. Three layouts:
+A dense tiny Qwen2 and a hybrid tiny MiniMax (lightning + softmax attention, MoE; packing is exact for
+both: the lightning state restarts at every packed sequence, cispo/models/lightning.py) each take one
+CISPO train_step (forward, backward, AdamW) on rows of mixed length: prompts of 32 tokens, responses
+uniform in [8, max_response]. Four layouts:
   padded        all rows in one right-padded [B, L] micro-batch
   padded-sorted token-budget micro-batches of rows sorted by length (learner.micro_batch_tokens)
   packed        all rows end to end in one [1, T] stream (position_ids restart, block-diagonal mask)
@@ -9,10 +11,9 @@ rows of mixed length: prompts of 32 tokens, responses uniform in [8, max_respons
 On CPU (SDPA with an explicit [T, T] mask) attention still computes the masked-out blocks, so one long
 stream costs O(T_total^2): packing pays off only with a varlen kernel (flash-attention on GPU), or in
 bounded packs. The table shows both.
-plus the max |log-prob| difference of packed vs padded (a boundary leak would be O(0.1)). The hybrid
-MiniMax is listed as refused: its lightning-attention state would cross sequence boundaries.
+plus the max |log-prob| difference of packed vs padded (a boundary leak would be O(0.1)).
 
-    python benchmarks/packing.py [--rows 32] [--max-response 480] [--repeats 3] [--out PATH]
+    python benchmarks/packing.py [--models dense,hybrid] [--rows 32] [--max-response 480] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -24,17 +25,11 @@ import time
 import torch
 from report import write_report
 
-from cispo.core.config import AlgorithmConfig, LearnerConfig, ModelConfig
+from cispo.core.config import AlgorithmConfig, LearnerConfig
 from cispo.core.testing import tiny_lm
 from cispo.core.types import TrainBatch
-from cispo.driver.policy import build_policy, load_tokenizer
 from cispo.learner.micro_batches import token_budget_chunks
-from cispo.learner.packing import (
-    PackingNotSupported,
-    check_packing,
-    packed_sequence_logprobs,
-    padded_fraction,
-)
+from cispo.learner.packing import check_packing, packed_sequence_logprobs, padded_fraction
 from cispo.learner.torch_learner import TorchLearner
 
 PROMPT = 32
@@ -45,6 +40,21 @@ def dense_model(vocab: int) -> torch.nn.Module:
         "qwen2", seed=0, vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
         num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024, tie_word_embeddings=False,
     )  # fmt: skip
+
+
+def hybrid_model(vocab: int) -> torch.nn.Module:
+    """Lightning, softmax, lightning, softmax; 4 experts top-2; block_size 256 like MiniMax-Text-01."""
+    return tiny_lm(
+        "minimax", seed=0, vocab_size=vocab, hidden_size=256, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=32, block_size=256,
+        max_position_embeddings=1024, tie_word_embeddings=False,
+    )  # fmt: skip
+
+
+MODELS = {
+    "dense": ("Dense Qwen2 (h256, 4 layers)", dense_model),
+    "hybrid": ("Hybrid MiniMax (h256, 2 lightning + 2 softmax layers, 4 experts top-2)", hybrid_model),
+}
 
 
 def make_batch(rows: int, max_response: int, vocab: int, seed: int = 0) -> TrainBatch:
@@ -75,16 +85,15 @@ def time_update(model: torch.nn.Module, batch: TrainBatch, budget: int, packing:
     return (time.perf_counter() - start) / repeats
 
 
-def run(args: argparse.Namespace) -> dict:
-    model = dense_model(args.vocab)
-    batch = make_batch(args.rows, args.max_response, args.vocab)
+def run_model(name: str, batch: TrainBatch, args: argparse.Namespace) -> dict:
+    model = MODELS[name][1](args.vocab)
+    check_packing(model)
     real_tokens = int(batch.attention_mask.sum())
     with torch.no_grad():
         padded_lp = TorchLearner(model, LearnerConfig(num_threads=0), AlgorithmConfig()).compute_logprobs(
             batch
         )
         packed_lp, _ = packed_sequence_logprobs(model, batch)
-    max_diff = float((padded_lp - packed_lp).abs().max())
     big = batch.input_ids.numel() * 2
     layouts = [
         ("padded", big, False, padded_fraction(batch)),
@@ -93,7 +102,7 @@ def run(args: argparse.Namespace) -> dict:
         ("packed-budget", args.budget, True, 0.0),
     ]
     rows = []
-    for name, budget, packing, fraction in layouts:
+    for layout, budget, packing, fraction in layouts:
         if fraction is None:
             chunks = token_budget_chunks(batch, budget)
             computed = sum(len(c) * int(batch.attention_mask[c].sum(1).max()) for c in chunks)
@@ -101,53 +110,58 @@ def run(args: argparse.Namespace) -> dict:
         seconds = time_update(model, batch, budget, packing, args.repeats)
         rows.append(
             {
-                "layout": name,
+                "layout": layout,
                 "padded_fraction": fraction,
                 "seconds": seconds,
                 "tokens_per_s": real_tokens / seconds,
             }
         )
-    try:
-        check_packing(build_policy(ModelConfig(), load_tokenizer("builtin:char")))
-        minimax = "allowed"
-    except PackingNotSupported as err:
-        minimax = f"refused: {str(err)[:120]}..."
+    return {
+        "model": name,
+        "description": MODELS[name][0],
+        "max_abs_logprob_diff_packed_vs_padded": float((padded_lp - packed_lp).abs().max()),
+        "results": rows,
+    }
+
+
+def run(args: argparse.Namespace) -> dict:
+    batch = make_batch(args.rows, args.max_response, args.vocab)
     return {
         "rows": args.rows,
         "max_response": args.max_response,
-        "real_tokens": real_tokens,
+        "real_tokens": int(batch.attention_mask.sum()),
         "threads": torch.get_num_threads(),
-        "max_abs_logprob_diff_packed_vs_padded": max_diff,
-        "results": rows,
-        "minimax_packing": minimax,
+        "models": [run_model(name, batch, args) for name in args.models.split(",")],
     }
 
 
 def table(result: dict) -> str:
     lines = [
-        f"Dense Qwen2 (h256, 4 layers), {result['rows']} rows, "
-        f"prompt {PROMPT} + response 8..{result['max_response']}"
+        f"{result['rows']} rows, prompt {PROMPT} + response 8..{result['max_response']}"
         f" ({result['real_tokens']} real tokens), {result['threads']} threads, one CISPO train_step",
-        "",
-        "| layout | padded fraction | s / update | trained tokens/s | speed-up |",
-        "|---|---|---|---|---|",
     ]
-    base = result["results"][0]["tokens_per_s"]
-    for r in result["results"]:
-        lines.append(
-            f"| {r['layout']} | {r['padded_fraction']:.1%} | {r['seconds']:.3f} | {r['tokens_per_s']:,.0f} |"
-            f" {r['tokens_per_s'] / base:.2f}x |"
-        )
-    lines += [
-        "",
-        f"max |log-prob(packed) - log-prob(padded)| = {result['max_abs_logprob_diff_packed_vs_padded']:.2e}",
-        f"hybrid MiniMax: packing {result['minimax_packing']}",
-    ]
+    for model in result["models"]:
+        lines += [
+            "",
+            model["description"],
+            "",
+            "| layout | padded fraction | s / update | trained tokens/s | speed-up |",
+            "|---|---|---|---|---|",
+        ]
+        base = model["results"][0]["tokens_per_s"]
+        for r in model["results"]:
+            lines.append(
+                f"| {r['layout']} | {r['padded_fraction']:.1%} | {r['seconds']:.3f} |"
+                f" {r['tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f}x |"
+            )
+        diff = model["max_abs_logprob_diff_packed_vs_padded"]
+        lines += ["", f"max |log-prob(packed) - log-prob(padded)| = {diff:.2e}"]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="dense,hybrid", help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--max-response", type=int, default=480)
     parser.add_argument("--vocab", type=int, default=8192)

@@ -66,7 +66,15 @@ chown munge:munge /etc/munge "$key" && chmod 700 /etc/munge && chmod 400 "$key"
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
   install -d -o munge -g munge -m 755 /run/munge
   install -d -o munge -g munge -m 700 /var/lib/munge /var/log/munge
-  runuser -u munge -- /usr/sbin/munged
+  # A daemon keeps every descriptor it inherits: one from the caller (a lock held by `flock`, a test's
+  # pipe) would stay open as long as munged lives, so it starts with only stdin/stdout/stderr.
+  (
+    for fd in /proc/$BASHPID/fd/*; do
+      fd=${fd##*/}
+      if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi
+    done
+    exec runuser -u munge -- /usr/sbin/munged
+  )
   for _ in $(seq 40); do munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break; sleep 0.25; done
   munge -n | unmunge >/dev/null || { echo "slurm_local: munged does not answer" >&2; exit 1; }
   echo "slurm_local: munged started ($((SECONDS - t0)) s)"

@@ -29,6 +29,17 @@ NonFiniteGuard stops the run after learner.max_nonfinite_steps such steps in a r
 driver's K updates per rollout batch) sends each rank the micro-batches of all K minibatches in one Ray
 call and the rank runs the K steps in order, so K updates cost one round trip, not K.
 
+Sequence parallelism (learner.sequence_parallel_size = SP > 1; cispo/learner/sequence_parallel.py): the
+ranks form num_ranks / SP data-parallel groups of SP consecutive ranks. Rows are split over the groups
+(balancing tokens) and cut into micro-batches of up to SP x micro_batch_tokens (a per-rank budget); every
+rank of a group gets the same micro-batches, each rank only its columns (shard_part: padded to a multiple
+of SP, targets shifted globally), and dummies pad every rank to the same count. ZeRO still partitions and
+reduces over all ranks; attention exchanges over the group (Ulysses all-to-all). Each rank's loss is the
+sum over the tokens it scores, so the backward and step are unchanged; log-probs come back as column
+shards and are stitched to [B, L] here (unshard_logprobs). With packing (cispo/learner/sp_packing.py) a
+micro-batch's rows are packed into one stream and each rank of the group takes its slice of the stream
+(shard_packed); it scatters its log-probs into the micro-batch's [B, L] layout, so they are summed here.
+
 Optimizer: torch.optim.AdamW(betas, eps=1e-15, fused) handed to deepspeed.initialize (DeepSpeed's
 FusedAdam is CUDA-only and its CPUAdam JIT-compiles; torch's runs on the flat ZeRO partitions as they are).
 Precision: fp32, or bf16 with fp32 master weights when the model's parameters are bf16.
@@ -71,6 +82,8 @@ from cispo.learner.common import StepParts, wants_packing
 from cispo.learner.deepspeed_rank import DeepSpeedRank
 from cispo.learner.hf_export import SHARD_BYTES
 from cispo.learner.micro_batches import Plan, plan_micro_batches
+from cispo.learner.sequence_parallel import shard_part, unshard_logprobs
+from cispo.learner.sp_packing import shard_packed, stitch_packed
 
 
 def _dummy(batch: TrainBatch) -> TrainBatch:
@@ -104,8 +117,12 @@ class DeepSpeedLearner:
 
         self.check_config(cfg)
         self.cfg, self.algorithm, self.world = cfg, algorithm, cfg.num_ranks
+        # Sequence parallelism: ranks g*sp .. g*sp+sp-1 form data-parallel group g and split its rows'
+        # tokens (cispo/learner/sequence_parallel.py); sp 1 is plain data parallelism.
+        self.sp = cfg.sequence_parallel_size
+        self.groups = self.world // self.sp
         self.version = 0
-        packing = (
+        self.packing = packing = (
             wants_packing(model, cfg)
             if isinstance(model, nn.Module)
             else bool(getattr(cfg, "packing", False))
@@ -147,6 +164,19 @@ class DeepSpeedLearner:
             raise ValueError(f"learner.zero_stage must be 2 or 3 (deepspeed learner), got {cfg.zero_stage}")
         if cfg.num_ranks < 1:
             raise ValueError(f"learner.num_ranks must be >= 1, got {cfg.num_ranks}")
+        sp = cfg.sequence_parallel_size
+        if sp < 1 or cfg.num_ranks % sp:
+            raise ValueError(
+                f"learner.sequence_parallel_size ({sp}) must be >= 1 and divide learner.num_ranks "
+                f"({cfg.num_ranks})"
+            )
+        if sp > 1 and getattr(cfg, "packing", False) and cfg.router_aux_loss_coef > 0:
+            # The aux loss is computed over a part's tokens; a packed shard's router rows are its stream
+            # slice, which micro_batch_loss's [B, L] attention mask does not describe.
+            raise ValueError(
+                "learner.router_aux_loss_coef > 0 with learner.packing and "
+                "learner.sequence_parallel_size > 1 is not supported"
+            )
 
     def _place(
         self, strategy: str, cpus: float, gpus: float, threads: int, timeout_s: float
@@ -215,7 +245,7 @@ class DeepSpeedLearner:
         flags = list(return_logprobs or [False] * len(minibatches))
         if len(flags) != len(minibatches):
             raise ValueError(f"{len(minibatches)} minibatches but {len(flags)} return_logprobs flags")
-        plans = [plan_micro_batches(batch, self.world, self.cfg.micro_batch_tokens) for batch in minibatches]
+        plans = [self._plan(batch) for batch in minibatches]
         parts = [self._parts(batch, plan) for batch, plan in zip(minibatches, plans)]  # [K][rank]
         per_rank = self._each("train_many", [([p[rank] for p in parts], flags) for rank in range(self.world)])
         return [
@@ -223,21 +253,32 @@ class DeepSpeedLearner:
             for k, (batch, plan, flag) in enumerate(zip(minibatches, plans, flags))
         ]
 
+    def _plan(self, batch: TrainBatch) -> Plan:
+        """Per data-parallel group (per rank without SP), its micro-batches' rows. micro_batch_tokens is
+        a per-rank budget: a group's micro-batch spreads its tokens over its sp ranks."""
+        return plan_micro_batches(batch, self.groups, self.cfg.micro_batch_tokens * self.sp)
+
     def _parts(self, batch: TrainBatch, plan: Plan) -> list[list[tuple]]:
-        """Per rank, its micro-batches of one minibatch: (part, token weights, token share, dummy)."""
+        """Per rank, its micro-batches of one minibatch: (part, token weights, token share, dummy); under
+        SP each rank of a group gets its columns of the group's micro-batches (shard_part)."""
         weights = normalization_weights(batch.response_mask, self.algorithm.normalizer, batch.group_ids)
         tokens = max(batch.num_response_tokens(), 1)
         out = []
-        for rank_plan in plan:
+        for rank in range(self.world):
             parts = []
-            for rows in rank_plan:
-                if rows is None:
-                    dummy = _dummy(batch)
-                    parts.append((dummy, torch.zeros_like(dummy.old_logprobs), 0.0, True))
-                    continue
-                part = batch.select(rows)
-                share = part.num_response_tokens() / tokens
-                parts.append((part, weights[rows, : part.input_ids.shape[1]], share, False))
+            for rows in plan[rank // self.sp]:
+                dummy = rows is None
+                part = _dummy(batch) if dummy else batch.select(rows)
+                part_weights = (
+                    torch.zeros_like(part.old_logprobs) if dummy else weights[rows, : part.input_ids.shape[1]]
+                )
+                if self.sp > 1:
+                    shard = shard_packed if self.packing else shard_part
+                    part, part_weights = shard(part, part_weights, rank % self.sp, self.sp)
+                    scored = part.batch.num_response_tokens()
+                else:
+                    scored = part.num_response_tokens()
+                parts.append((part, part_weights, 0.0 if dummy else scored / tokens, dummy))
             out.append(parts)
         return out
 
@@ -250,10 +291,36 @@ class DeepSpeedLearner:
         _, grad_norm, lr, _, applied = replies[0]
         if applied:
             self.version += 1
-        logprobs = self._scatter(batch, plan, [r[3] for r in replies]) if return_logprobs else None
+        if return_logprobs:
+            logprobs = self._scatter(batch, plan, self._by_group(batch, plan, [r[3] for r in replies]))
+        else:
+            logprobs = None
         metrics = step.result(grad_norm, lr)
         metrics["skipped_frac"] = 0.0 if applied else 1.0
         return StepResult(metrics, logprobs)
+
+    def _by_group(
+        self, batch: TrainBatch, plan: Plan, outputs: list[list[torch.Tensor | None]]
+    ) -> list[list[torch.Tensor | None]]:
+        """Per-rank outputs -> per-group [B, L] outputs: the SP ranks' column shards stitched back
+        (unshard_logprobs); without SP, as they are."""
+        if self.sp == 1:
+            return outputs
+        grouped = []
+        for group, group_plan in enumerate(plan):
+            ranks = outputs[group * self.sp : (group + 1) * self.sp]
+            stitched: list[torch.Tensor | None] = []
+            for rows, shards in zip(group_plan, zip(*ranks)):
+                if rows is None or shards[0] is None:
+                    stitched.append(None)
+                    continue
+                if self.packing:
+                    stitched.append(stitch_packed(list(shards)))
+                    continue
+                length = int(batch.attention_mask[rows].sum(dim=1).max())
+                stitched.append(unshard_logprobs(list(shards), length))
+            grouped.append(stitched)
+        return grouped
 
     @staticmethod
     def _scatter(batch: TrainBatch, plan: Plan, outputs: list[list[torch.Tensor | None]]) -> torch.Tensor:
@@ -265,9 +332,9 @@ class DeepSpeedLearner:
         return out
 
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
-        plan = plan_micro_batches(batch, self.world, self.cfg.micro_batch_tokens)
-        requests = [([_dummy(batch) if rows is None else batch.select(rows) for rows in p],) for p in plan]
-        return self._scatter(batch, plan, self._each("logprobs", requests))
+        plan = self._plan(batch)
+        requests = [([part for part, *_ in parts],) for parts in self._parts(batch, plan)]
+        return self._scatter(batch, plan, self._by_group(batch, plan, self._each("logprobs", requests)))
 
     # Weights out. This facade is the WeightSource of the rollout side's BroadcastWeightSync: calls that run
     # on the ranks return refs, so the sync waits on the learner and the engines together.

@@ -15,10 +15,19 @@ MiniMax, see the facade; loading every weight from a checkpoint overwrites what 
 Weights leave a rank only through the weight channel (cispo/core/weight_channel.py): rank 0 joins a group
 with the rollout engines and broadcasts bucket by bucket; under ZeRO-3 every rank gathers each bucket's
 parameters together (GatheredParameters), so no rank ever holds more than one extra bucket.
+
+Sequence parallelism (learner.sequence_parallel_size > 1): setup() creates the SP groups, switches the
+policy to Ulysses attention (cispo/learner/sequence_parallel.py) and its lightning layers to the exchange;
+parts then arrive as SequenceShards (this rank's columns, targets shifted), and the forward and backward
+run inside sequence_layout so that every attention layer, recomputed ones included, exchanges. With
+packing too, parts arrive as PackedShards (cispo/learner/sp_packing.py: this rank's slice of the packed
+stream, the layout's global cu_seqlens); their log-probs are scattered into the micro-batch's [B, L]
+layout before the usual loss, with the response mask restricted to the tokens this rank scores.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -45,6 +54,19 @@ from cispo.learner.common import (
     set_base_lr,
 )
 from cispo.learner.rank_weights import RankWeights
+from cispo.learner.sequence_parallel import (
+    SequenceShard,
+    UlyssesExchange,
+    enable_sequence_parallel,
+    sequence_groups,
+    sequence_layout,
+    shard_logprobs,
+)
+from cispo.learner.sp_packing import PackedShard
+
+# What a rank runs: a whole micro-batch, or (sequence parallelism) its columns of one, or (with packing)
+# its slice of one packed into a stream.
+Part = TrainBatch | SequenceShard | PackedShard
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -93,8 +115,23 @@ class LogprobModule(nn.Module):
         self.policy, self.cfg, self.temperature, self.packing = policy, cfg, temperature, packing
 
     def forward(
-        self, input_ids: Tensor, attention_mask: Tensor, response_mask: Tensor, with_entropy: bool
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        response_mask: Tensor,
+        with_entropy: bool,
+        targets: Tensor | None = None,
+        position_ids: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
+        if targets is not None:  # a sequence shard: response_mask and targets already shifted
+            inputs = (input_ids, attention_mask, response_mask, targets, position_ids)
+            return shard_logprobs(
+                self.policy,
+                inputs,
+                chunk_size=self.cfg.logprob_chunk_size,
+                temperature=self.temperature,
+                with_entropy=with_entropy,
+            )
         rows = input_ids.shape[0]
         part = TrainBatch(
             input_ids,
@@ -114,6 +151,7 @@ class DeepSpeedRank:
         self.rank, self.world = rank, world
         torch.set_num_threads(max(1, threads))
         self.engine: Any = None
+        self.exchange: UlyssesExchange | None = None
 
     def ready(self) -> int:
         return os.getpid()
@@ -151,6 +189,12 @@ class DeepSpeedRank:
         # Built inside zero.Init, every parameter is already a partition (ds_id) before initialize().
         self.built_partitioned = all(hasattr(p, "ds_id") for p in policy.parameters())
         prepare_policy(policy, self.cfg)
+        size = self.cfg.sequence_parallel_size
+        if size > 1:
+            # Every rank creates every SP group, in the same order, before DeepSpeed makes its own.
+            group = sequence_groups(self.rank, self.world, size)
+            self.exchange = UlyssesExchange(group, size, self.rank % size)
+            enable_sequence_parallel(policy, size)
         self.bf16 = any(p.dtype == torch.bfloat16 for p in policy.parameters())
         self.module = LogprobModule(policy, self.cfg, init["temperature"], init["packing"])
         self.loss_fn = get_policy_loss(self.algorithm.loss)
@@ -169,15 +213,39 @@ class DeepSpeedRank:
         self.device = self.engine.device
         self.weights = RankWeights(policy, self.rank)
 
-    def _forward(self, part: TrainBatch, with_entropy: bool) -> tuple[Tensor, Tensor | None, list | None]:
+    @contextlib.contextmanager
+    def _context(self, part: Part) -> Any:
+        """Routing replay / router-logit capture (over the model's inputs), and the SP exchange (with the
+        packed rows' global bounds), around a forward (and its backward: gradient checkpointing re-runs
+        the forward there)."""
+        if self.exchange is None:
+            layout: Any = contextlib.nullcontext()
+        else:
+            bounds = part.cu_seqlens if isinstance(part, PackedShard) else None
+            layout = sequence_layout(self.exchange, bounds)
+        with moe_context(self.policy, _inputs(part), self.cfg) as router_logits, layout:
+            yield router_logits
+
+    def _run(self, part: Part, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+        """[B, L] log-probs (and entropy) in the part's loss layout (a SequenceShard's: its shifted
+        columns)."""
+        batch = _inputs(part)
+        if isinstance(part, PackedShard):
+            lp, ent = self.engine(
+                batch.input_ids, batch.attention_mask, batch.response_mask, with_entropy, part.targets,
+                part.position_ids,
+            )  # fmt: skip
+            return part.scatter(lp), (None if ent is None else part.scatter(ent))
+        extra = (part.targets, part.position_ids()) if isinstance(part, SequenceShard) else ()
+        return self.engine(batch.input_ids, batch.attention_mask, batch.response_mask, with_entropy, *extra)
+
+    def _forward(self, part: Part, with_entropy: bool) -> tuple[Tensor, Tensor | None, list | None]:
         part = _to(part, self.device)
-        with moe_context(self.policy, part, self.cfg) as router_logits:
-            logprobs, entropy = self.engine(
-                part.input_ids, part.attention_mask, part.response_mask, with_entropy
-            )
+        with self._context(part) as router_logits:
+            logprobs, entropy = self._run(part, with_entropy)
         return logprobs, entropy, router_logits
 
-    def train(self, parts: list[tuple[TrainBatch, Tensor, float, bool]], return_logprobs: bool) -> tuple:
+    def train(self, parts: list[tuple[Part, Tensor, float, bool]], return_logprobs: bool) -> tuple:
         """Backward over this rank's micro-batches, then one engine.step(): (StepParts, grad norm, lr,
         logprobs per part, applied). A non-finite global gradient norm makes DeepSpeed discard the step
         on every rank (gradients cleared, optimizer and scheduler untouched): reported as not applied."""
@@ -189,13 +257,14 @@ class DeepSpeedRank:
             part = _to(part, self.device)
             # The backward inside the replay too: gradient checkpointing recomputes the forward there, and
             # must route it the same way (else it saves other tensors and torch raises CheckpointError).
-            with moe_context(self.policy, part, self.cfg) as router_logits:
-                logprobs, entropy = self.engine(part.input_ids, part.attention_mask, part.response_mask, True)
+            batch = _batch(part)
+            with self._context(part) as router_logits:
+                logprobs, entropy = self._run(part, True)
                 loss, metrics = micro_batch_loss(
                     self.policy,
                     logprobs,
                     entropy,
-                    part,
+                    batch,
                     weights.to(self.device),
                     router_logits,
                     loss_fn=self.loss_fn,
@@ -245,7 +314,7 @@ class DeepSpeedRank:
         return all(bool(torch.isfinite(t).all()) for t in tensors if t.numel())
 
     @torch.no_grad()
-    def logprobs(self, parts: list[TrainBatch]) -> list[Tensor]:
+    def logprobs(self, parts: list[Part]) -> list[Tensor]:
         self.engine.eval()
         return [self._forward(part, with_entropy=False)[0].cpu() for part in parts]
 
@@ -322,7 +391,19 @@ def _materialise(
     return built
 
 
-def _to(part: TrainBatch, device: torch.device) -> TrainBatch:
+def _batch(part: Part) -> TrainBatch:
+    """The part in its loss layout."""
+    return part if isinstance(part, TrainBatch) else part.batch
+
+
+def _inputs(part: Part) -> TrainBatch:
+    """The part as the model sees it (a PackedShard's stream slice; routing replay aligns with it)."""
+    return part.stream if isinstance(part, PackedShard) else _batch(part)
+
+
+def _to(part: Part, device: torch.device) -> Part:
+    if isinstance(part, (SequenceShard, PackedShard)):
+        return part if part.targets.device == device else part.to(device)
     if part.input_ids.device == device:
         return part
     moved = {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in vars(part).items()}

@@ -1,21 +1,26 @@
 """Sequence packing for the learner forward: the rows of a right-padded TrainBatch laid end to end in one
 [1, T] stream, no padding computed.
 
-Boundaries, dense (softmax-attention) models: position_ids restart at 0 at every sequence start and no
+Boundaries, softmax-attention layers: position_ids restart at 0 at every sequence start and no
 attention_mask is passed; transformers then derives the sequence boundaries from the position_ids
 (masking_utils.find_packed_sequence_indices) and builds a block-diagonal causal mask for eager/SDPA, or
-cu_seqlens for flash-attention varlen. Rotary embeddings use the restarted positions. A token's log-prob
-is then the same as in its own unpadded forward (up to kernel rounding; tests/learner/test_packing.py).
+cu_seqlens for flash-attention varlen. Rotary embeddings use the restarted positions.
 
-The hybrid MiniMax architecture cannot be packed this way: its lightning-attention layers carry a
-recurrent K^T V state from the first token of the stream to the last, with no reset at a boundary, so
-sequence 2 would read sequence 1's state. (Resetting it would need a varlen lightning kernel.) For such
-models learners use token-budget micro-batches (cispo.learner.micro_batches.token_budget_chunks:
-rows sorted by length, so little padding), and asking for packing raises PackingNotSupported.
+Boundaries, the hybrid MiniMax's lightning-attention layers: their recurrent K^T V state would run from
+the first token of the stream to the last. `packed_sequence_logprobs` installs the boundary-aware
+lightning forward (cispo.models.lightning.install_lightning) and runs the trunk under
+`sequence_layout(cu_seqlens=...)` (also passed as its keyword, for gradient-checkpoint recomputes), so
+the state restarts at zero at every sequence start; the softmax layers of the hybrid get their
+block-diagonal mask from the position_ids as in a dense model. Either way a token's log-prob is the same
+as in its own unpadded forward (up to kernel rounding; tests/learner/test_packing.py). Other recurrent
+layers (mamba, gated delta nets, ...) have no boundary reset here and asking to pack them raises
+PackingNotSupported (use token-budget micro-batches, cispo.learner.micro_batches.token_budget_chunks).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +28,11 @@ from torch import Tensor, nn
 
 from cispo.algo.logprobs import token_logprobs
 from cispo.core.types import TrainBatch
+from cispo.models.lightning import LAYOUT_KWARG, install_lightning, lightning_layers, sequence_layout
 
 RECURRENT_LAYER_TYPES = ("linear_attention", "mamba", "recurrent", "lightning_attention")
+# Module class names of layers that carry state along the sequence (MiniMax lightning layers excepted).
+RECURRENT_MODULE_NAMES = ("Lightning", "Mamba", "DeltaNet", "Rwkv", "RWKV")
 
 
 class PackingNotSupported(ValueError):
@@ -32,18 +40,23 @@ class PackingNotSupported(ValueError):
 
 
 def packing_blocker(model: nn.Module) -> str | None:
-    """Why `model` cannot be packed (a layer that carries state along the sequence), or None."""
+    """Why `model` cannot be packed (a layer that carries state along the sequence and has no boundary
+    reset), or None. MiniMax lightning layers have one (cispo.models.lightning) and pass."""
+    lightning = lightning_layers(model)
     config = getattr(model, "config", None)
     layer_types = list(getattr(config, "layer_types", None) or [])
-    recurrent = sorted({t for t in layer_types if t in RECURRENT_LAYER_TYPES})
+    recurrent = {t for t in layer_types if t in RECURRENT_LAYER_TYPES}
+    if layer_types.count("linear_attention") == len(lightning):  # each one a MiniMax lightning layer
+        recurrent.discard("linear_attention")
     if recurrent:
         return (
-            f"{type(model).__name__} has {'/'.join(recurrent)} layers whose state runs across the whole "
-            "packed stream (no reset at sequence boundaries), so packed log-probs would be wrong"
+            f"{type(model).__name__} has {'/'.join(sorted(recurrent))} layers whose state would run across "
+            "the whole packed stream (no reset at sequence boundaries), so packed log-probs would be wrong"
         )
+    known = {id(m) for m in lightning}
     for module in model.modules():
         name = type(module).__name__
-        if "Lightning" in name or "Mamba" in name:
+        if id(module) not in known and any(word in name for word in RECURRENT_MODULE_NAMES):
             return f"{type(model).__name__} contains {name}, a recurrent layer that cannot be packed"
     return None
 
@@ -71,6 +84,11 @@ class PackedRows:
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[1])
+
+    @property
+    def cu_seqlens(self) -> list[int]:
+        """Sequence starts in the stream, 0 first and T last (the flash-attention varlen convention)."""
+        return [0, *itertools.accumulate(self.lengths)]
 
 
 def pack_rows(batch: TrainBatch) -> PackedRows:
@@ -103,9 +121,18 @@ def packed_sequence_logprobs(
     check_packing(model)
     packed = pack_rows(batch)
     trunk = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    out = trunk(
-        input_ids=packed.input_ids, position_ids=packed.position_ids, attention_mask=None, use_cache=False
-    )
+    with contextlib.ExitStack() as stack:
+        extra = {}
+        if install_lightning(model):
+            # The keyword as well as the contextvar: a checkpoint recompute runs after this block.
+            extra[LAYOUT_KWARG] = stack.enter_context(sequence_layout(cu_seqlens=packed.cu_seqlens))
+        out = trunk(
+            input_ids=packed.input_ids,
+            position_ids=packed.position_ids,
+            attention_mask=None,
+            use_cache=False,
+            **extra,
+        )
     hidden = out.last_hidden_state[0]
     # Token t is predicted by the hidden state at t-1, which belongs to the same row because row starts
     # are never in `predicted`.

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 RULES: dict[str, tuple[str, ...]] = {
     "cispo.core": ("cispo.core",),
     "cispo.algo": ("cispo.core", "cispo.algo"),
-    "cispo.learner": ("cispo.core", "cispo.algo", "cispo.learner"),
+    "cispo.learner": ("cispo.core", "cispo.algo", "cispo.models", "cispo.learner"),  # models: lightning
     "sandboxes": ("cispo.core.registry", "sandboxes"),
     "rewards": ("cispo.core", "rewards", "sandboxes", "rollout"),  # rollout: the hf judge's engine
     "rollout": ("cispo.core", "cispo.algo", "cispo.models", "rollout"),  # models: MiniMax weight names
