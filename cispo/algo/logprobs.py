@@ -155,11 +155,40 @@ def sequence_logprobs(
     out = trunk(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs)
     hidden = out.last_hidden_state[:, :-1]
     predicted = response_mask[:, 1:].bool()
+    logprobs, entropy = masked_head_logprobs(
+        model,
+        hidden,
+        input_ids[:, 1:],
+        predicted,
+        chunk_size=chunk_size,
+        temperature=temperature,
+        with_entropy=with_entropy,
+    )
+
+    def shift(values: Tensor) -> Tensor:
+        return torch.nn.functional.pad(values, (1, 0))
+
+    return shift(logprobs), (None if entropy is None else shift(entropy))
+
+
+def masked_head_logprobs(
+    model: torch.nn.Module,
+    hidden: Tensor,
+    targets: Tensor,
+    predicted: Tensor,
+    *,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """The model's FP32-head log-prob of targets[i] from hidden[i] wherever predicted[i] (bool) holds, as
+    float32 of predicted's shape, 0 elsewhere (and the entropy, or None). hidden [..., H]; targets and
+    predicted [...]. Only the predicted positions go through the head."""
     head = model.get_output_embeddings()
     lp_flat, ent_flat = token_logprobs(
         hidden[predicted],
         head.weight,
-        input_ids[:, 1:][predicted],
+        targets[predicted],
         bias=getattr(head, "bias", None),
         chunk_size=chunk_size,
         temperature=temperature,
@@ -167,7 +196,7 @@ def sequence_logprobs(
     )
 
     def scatter(values: Tensor) -> Tensor:
-        dense = torch.zeros(predicted.shape, dtype=torch.float32, device=input_ids.device)
-        return torch.nn.functional.pad(dense.masked_scatter(predicted, values), (1, 0))
+        dense = torch.zeros(predicted.shape, dtype=torch.float32, device=hidden.device)
+        return dense.masked_scatter(predicted, values)
 
     return scatter(lp_flat), (None if ent_flat is None else scatter(ent_flat))

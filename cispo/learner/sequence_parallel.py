@@ -62,7 +62,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cispo.algo.logprobs import token_logprobs
+from cispo.algo.logprobs import masked_head_logprobs
 from cispo.core.types import TrainBatch
 
 ATTENTION_NAME = "cispo_ulysses"
@@ -393,20 +393,12 @@ def shard_logprobs(
         use_cache=False,
         **kwargs,
     )
-    predicted = target_mask.bool()
-    head = model.get_output_embeddings()
-    lp_flat, ent_flat = token_logprobs(
-        out.last_hidden_state[predicted],
-        head.weight,
-        targets[predicted],
-        bias=getattr(head, "bias", None),
+    return masked_head_logprobs(
+        model,
+        out.last_hidden_state,
+        targets,
+        target_mask.bool(),
         chunk_size=chunk_size,
         temperature=temperature,
         with_entropy=with_entropy,
     )
-
-    def scatter(values: Tensor) -> Tensor:
-        dense = torch.zeros(predicted.shape, dtype=torch.float32, device=input_ids.device)
-        return dense.masked_scatter(predicted, values)
-
-    return scatter(lp_flat), (None if ent_flat is None else scatter(ent_flat))
