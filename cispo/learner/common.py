@@ -21,7 +21,7 @@ from cispo.core.config import AlgorithmConfig, LearnerConfig
 from cispo.core.metrics import combine_metrics
 from cispo.core.moe import capture_router_logits, replay_routing, router_aux_loss
 from cispo.core.types import TrainBatch
-from cispo.learner.packing import check_packing, packed_sequence_logprobs
+from cispo.learner.packing import check_packing, packed_routing, packed_sequence_logprobs
 
 
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -110,10 +110,13 @@ def policy_logprobs(
 
 
 @contextlib.contextmanager
-def moe_context(model: nn.Module, part: TrainBatch, cfg: LearnerConfig) -> Iterator[list[Tensor] | None]:
+def moe_context(
+    model: nn.Module, part: TrainBatch, cfg: LearnerConfig, packing: bool = False
+) -> Iterator[list[Tensor] | None]:
     """Routing replay (learner.routing_replay and the batch carries routing) and router-logit capture
-    (learner.router_aux_loss_coef > 0) around one forward; yields the captured logits or None."""
-    replay = part.routed_experts if cfg.routing_replay else None
+    (learner.router_aux_loss_coef > 0) around one forward; yields the captured logits or None. packing:
+    the forward runs on part packed (pack_rows), so the replayed routing is packed the same way."""
+    replay = (packed_routing(part) if packing else part.routed_experts) if cfg.routing_replay else None
     with contextlib.ExitStack() as stack:
         stack.enter_context(replay_routing(model, replay))
         captured = stack.enter_context(capture_router_logits(model)) if cfg.router_aux_loss_coef > 0 else None
@@ -132,8 +135,10 @@ def micro_batch_loss(
     cfg: LearnerConfig,
     algorithm: AlgorithmConfig,
     token_share: float,
+    packing: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """This micro-batch's term of the minibatch loss (policy loss + its share of the router aux loss)."""
+    """This micro-batch's term of the minibatch loss (policy loss + its share of the router aux loss).
+    packing: the router logits are those of the packed stream, every token of it real."""
     loss, metrics = loss_fn(
         logprobs,
         part.old_logprobs,
@@ -143,7 +148,10 @@ def micro_batch_loss(
         **algorithm.loss_kwargs,
     )
     if router_logits:
-        aux = router_aux_loss(router_logits, part.attention_mask, model)
+        mask = part.attention_mask
+        if packing:
+            mask = torch.ones(1, int(part.attention_mask.sum()), dtype=mask.dtype, device=mask.device)
+        aux = router_aux_loss(router_logits, mask, model)
         loss = loss + cfg.router_aux_loss_coef * token_share * aux
         metrics["router_aux_loss"] = aux.detach()
     if entropy is not None:

@@ -223,8 +223,14 @@ class DeepSpeedRank:
         else:
             bounds = part.cu_seqlens if isinstance(part, PackedShard) else None
             layout = sequence_layout(self.exchange, bounds)
-        with moe_context(self.policy, _inputs(part), self.cfg) as router_logits, layout:
+        packed = self._packs_whole(part)
+        with moe_context(self.policy, _inputs(part), self.cfg, packed) as router_logits, layout:
             yield router_logits
+
+    def _packs_whole(self, part: Part) -> bool:
+        """A whole micro-batch that the module packs into one stream (packing without SP; with SP a part
+        arrives as its own slice of the stream, a PackedShard)."""
+        return self.module.packing and not isinstance(part, (PackedShard, SequenceShard))
 
     def _run(self, part: Part, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
         """[B, L] log-probs (and entropy) in the part's loss layout (a SequenceShard's: its shifted
@@ -271,6 +277,7 @@ class DeepSpeedRank:
                     cfg=self.cfg,
                     algorithm=self.algorithm,
                     token_share=share,
+                    packing=self._packs_whole(part),
                 )
                 # ZeRO averages gradients over ranks; each rank's loss is already its share of the sum.
                 self.engine.backward(loss * self.world)

@@ -109,6 +109,15 @@ def pack_rows(batch: TrainBatch) -> PackedRows:
     )
 
 
+def packed_routing(batch: TrainBatch) -> Tensor | None:
+    """batch.routed_experts [B, L, layers, k] in pack_rows' stream order: [1, T, layers, k] (or None), so
+    routing replay lines up with a packed forward."""
+    if batch.routed_experts is None:
+        return None
+    rows, cols = batch.attention_mask.bool().nonzero(as_tuple=True)
+    return batch.routed_experts[rows, cols].unsqueeze(0)
+
+
 def packed_sequence_logprobs(
     model: nn.Module,
     batch: TrainBatch,

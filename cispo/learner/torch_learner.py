@@ -74,7 +74,7 @@ class TorchLearner:
         out = torch.zeros_like(batch.old_logprobs)
         for rows in token_budget_chunks(batch, self.cfg.micro_batch_tokens):
             part = batch.select(rows)
-            with moe_context(self.model, part, self.cfg):
+            with moe_context(self.model, part, self.cfg, self.packing):
                 out[rows, : part.input_ids.shape[1]] = self._logprobs(part, with_entropy=False)[0]
         return out
 
@@ -101,7 +101,7 @@ class TorchLearner:
             share = part.num_response_tokens() / tokens
             # The backward inside the replay too: gradient checkpointing recomputes the forward there, and
             # must route it the same way (else it saves other tensors and torch raises CheckpointError).
-            with moe_context(self.model, part, self.cfg) as router_logits:
+            with moe_context(self.model, part, self.cfg, self.packing) as router_logits:
                 logprobs, entropy = self._logprobs(part, with_entropy=True)
                 loss, metrics = micro_batch_loss(
                     self.model,
@@ -114,6 +114,7 @@ class TorchLearner:
                     cfg=self.cfg,
                     algorithm=self.algorithm,
                     token_share=share,
+                    packing=self.packing,
                 )
                 loss.backward()
             parts.add(metrics, loss, share)

@@ -102,3 +102,23 @@ def test_router_aux_loss_is_transformers_load_balancing_loss():
     assert expected > 1.0  # num_experts * sum f_e P_e >= 1, equality only for perfectly balanced routing
     assert results[0.5]["loss"] - results[0.0]["loss"] == pytest.approx(0.5 * expected, rel=1e-5)
     assert results[0.5]["grad_norm"] != pytest.approx(results[0.0]["grad_norm"], rel=1e-3)
+
+
+def test_packing_replays_the_same_routing_and_aux_loss_as_padded_rows():
+    """Packed [1, T] forwards take their replayed experts (and the aux loss its tokens) from the packed
+    stream: the same log-probs, loss and aux loss as the padded micro-batch."""
+    model, tok = tiny_minimax()
+    batch = make_batch(tok, 4)
+    assert (batch.attention_mask == 0).any()  # rows of different lengths, so packing moves tokens
+    routed = torch.randint(0, 4, (*batch.input_ids.shape, len(find_routers(model)), 2))
+    routed[..., 1] = (routed[..., 0] + 1) % 4
+    batch.routed_experts = routed
+    results = {}
+    for packing in (False, True):
+        cfg = LearnerConfig(routing_replay=True, packing=packing, router_aux_loss_coef=0.01, num_threads=1)
+        learner = build_learner("torch", model=copy.deepcopy(model), cfg=cfg, algorithm=AlgorithmConfig())
+        logprobs = learner.compute_logprobs(batch)
+        results[packing] = (logprobs, learner.train_step(batch).metrics)
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=0)
+    for key in ("loss", "router_aux_loss", "grad_norm"):
+        assert results[True][1][key] == pytest.approx(results[False][1][key], abs=1e-5), key
