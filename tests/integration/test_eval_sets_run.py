@@ -7,13 +7,12 @@ policy gives the held-out set the same greedy answers as the trainer's final eva
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from tests.integration.test_export_eval import cli
 
 SETS = (
     "eval.sets=[{name: held_out}, {name: three, data: {generator_kwargs: {digits: 3}}, num: 6, samples: 4, "
@@ -28,14 +27,6 @@ COMMON = [
     "logging.plot=false",
     "rollout.backend=local",
 ]
-
-
-def cli(module: str, *args: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [sys.executable, "-m", module, *args], capture_output=True, text=True, env=env, timeout=900
-    )
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
 
 
 def jsonl(path: Path) -> list[dict]:
