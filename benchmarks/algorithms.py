@@ -1,28 +1,40 @@
-"""CISPO vs GRPO vs DAPO on a task RL must discover, at K = 1, 4 and 16 minibatch updates per batch.
+"""CISPO vs GRPO vs DAPO on tasks RL must discover, at K = 1, 4 and 16 minibatch updates per batch, each
+algorithm tuned the same way on a seed that is never reported.
 
-    python benchmarks/algorithms.py            # the full matrix: 3 algorithms x K in {1, 4, 16} x 3 seeds
-    python benchmarks/algorithms.py --quick    # K = 4 only: 3 algorithms x 3 seeds
-    python benchmarks/algorithms.py --sweep    # the learning-rate sweep (K = 4, seed 0) that chose --lr
+    python benchmarks/algorithms.py --task scratchpad --phase tune --resume      # lr x clip at K = 4, 16
+    python benchmarks/algorithms.py --task scratchpad --phase report --resume    # K x algorithm x 5 seeds
+    python benchmarks/algorithms.py --task scratchpad --phase ablation --resume \\
+        --override algorithm.loss_kwargs.eps_high=1.0                            # CISPO K = 16, one change
+    python benchmarks/algorithms.py --task long --phase tune --resume            # the same on long traces
+    python benchmarks/algorithms.py --task scratchpad --phase report --dry-run   # the plan and its time only
 
-Every run is a real `cispo-train experiment=algorithms_bench` (configs/experiment/algorithms_bench.yaml:
-scratchpad sums of 6-8 terms, a warm start that teaches the format on other problems, cached once and
-shared by all runs) with the algorithm's own preset (configs/algorithm/*.yaml) and the same rollout
-budget: steps x prompts x group size. Runs are interleaved (seed, then K, then algorithm) so that drift
-in the machine's load is spread over all algorithms rather than falling on one.
+Tasks: `scratchpad` is experiment=algorithms_bench (sums of 6-8 terms, ~17-token traces), `long` is
+experiment=algorithms_long (traces of 150+ tokens; K = 4 and 16 only). Every run is a real `cispo-train`
+with the algorithm's preset (configs/algorithm/*.yaml), the same rollout budget, and its lr and clip
+parameter as Hydra overrides (learner.lr=..., algorithm.loss_kwargs.eps_high=...).
 
-Writes benchmarks/results/algorithms.json (every run's curves and the summary; written after each run,
-and --resume skips the runs it already holds), benchmarks/results/algorithms.md (the table) and
-docs/algorithms.png (mean +- std across seeds of held-out accuracy against steps and against wall time,
-one column per K).
+The rule (benchmarks/algorithms_stats.py): `tune` runs, per algorithm at K = 4 and 16, lr in {3e-5, 1e-4}
+x its clip parameter (CISPO eps_high in {1, 2, 4} with eps_low 1; DAPO eps_high in {0.28, 0.4} with eps_low
+0.2; GRPO eps in {0.1, 0.2}) on seed 100; per (task, algorithm, K) the setting with the best mean held-out
+accuracy after step 0 is kept (ties: fewer steps to target, then the smaller lr); K = 1 reuses the K = 4
+choice. `report` runs the chosen values on seeds 0-4; `ablation` runs CISPO at K = 16 with the --override
+list appended (recorded in the JSON), to test a suspected cause of its collapse.
+
+Everything of a task lives in benchmarks/results/algorithms_<task>.json (written after every run, so a
+Ctrl-C loses only the run in progress; --resume skips the finished runs, keyed by task, phase, algorithm, K,
+seed, lr, clip and overrides) with algorithms_<task>.md beside it, and docs/algorithms_<task>.png
+(accuracy against steps and wall time, entropy per step). The first study's algorithms.json (schema 1, one
+lr, 3 seeds) stays as it was; load_result() reads it as phase `legacy`.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
+import re
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -31,9 +43,13 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.report import write_report  # noqa: E402
+from benchmarks import algorithms_stats as stats  # noqa: E402
+from benchmarks.algorithms_report import plot, report_markdown  # noqa: E402
+from benchmarks.algorithms_stats import ALGORITHMS, RunSpec  # noqa: E402
+from cispo.driver.update import RATIO_CAP_KEYS, RATIO_KEYS, ratio_bounds  # noqa: E402
 
-ALGORITHMS = ("cispo", "grpo", "dapo")
+__all__ = ["ALGORITHMS", "curves", "load_result", "main", "phase_plan"]
+
 # What each run records per step, beside the held-out accuracy: the loss's own metrics go under its name.
 STEP_KEYS = (
     "reward/mean",
@@ -43,41 +59,77 @@ STEP_KEYS = (
     "rollout/samples_generated",
     "time/step_s",
 )
+# The per-step diagnostics of why large K collapses (cispo.driver.update.ratio_metrics) and the optimizer's.
+DIAG_KEYS = (*RATIO_KEYS, *RATIO_CAP_KEYS, "actor/grad_norm")
 LOSS_KEYS = ("clip_frac", "clip_frac_low", "clip_frac_high", "is_weight_mean", "is_weight_max",
              "grad_zeroed_frac", "ratio_mean", "approx_kl")  # fmt: skip
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 1: the first study (algorithms.json), one lr for all, no phases
+TASKS: dict[str, dict[str, Any]] = {
+    "scratchpad": {"experiment": "algorithms_bench", "report_ks": (1, 4, 16), "target": 0.5,
+                   "what": "scratchpad sums of 6-8 terms"},
+    "long": {"experiment": "algorithms_long", "report_ks": (4, 16), "target": 0.5,
+             "what": "long traces (150+ tokens)"},
+}  # fmt: skip
+PHASES = ("tune", "report", "ablation")
 
 
-def run_id(algo: str, k: int, seed: int, lr: float) -> str:
-    return f"{algo}_K{k}_s{seed}_lr{lr:g}"
-
-
-def train(algo: str, k: int, seed: int, lr: float, args: argparse.Namespace) -> dict[str, Any]:
+def train(spec: RunSpec, args: argparse.Namespace) -> dict[str, Any]:
     """One cispo-train run in a subprocess; its curves, or the error with the log's tail."""
-    run_dir = Path(args.runs) / run_id(algo, k, seed, lr)
+    run_dir = Path(args.runs) / run_dir_name(spec.key)
     shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [
-        "experiment=algorithms_bench",
-        f"algorithm={algo}",
-        f"algorithm.updates_per_batch={k}",
-        f"experiment.seed={seed}",
-        f"experiment.total_steps={args.steps}",
-        f"learner.lr={lr}",
+        f"experiment={TASKS[spec.task]['experiment']}",
+        f"algorithm={spec.algorithm}",
+        f"algorithm.updates_per_batch={spec.k}",
+        f"experiment.seed={spec.seed}",
+        *([f"experiment.total_steps={args.steps}"] if args.steps else []),
+        f"learner.lr={spec.lr}",
+        *(f"algorithm.loss_kwargs.{name}={value}" for name, value in spec.loss_kwargs),
+        *spec.overrides,
         "resume=never",
         f"hydra.run.dir={run_dir}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CISPO_CACHE": args.cache}
     started = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "cispo.driver.cli", *overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=args.run_timeout_s,
-    )  # fmt: skip
-    wall = time.perf_counter() - started
-    record: dict[str, Any] = {"algorithm": algo, "K": k, "seed": seed, "lr": lr, "process_wall_s": wall}
-    if proc.returncode != 0:
-        tail = (proc.stdout + proc.stderr)[-3000:]
-        return {**record, "error": f"exit {proc.returncode}", "log_tail": tail}
-    return {**record, **curves(run_dir / "metrics.jsonl", algo)}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "cispo.driver.cli", *overrides],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=args.run_timeout_s,
+        )  # fmt: skip
+        code, log = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as timeout:  # recorded as failed (rerun by --resume); the study goes on
+        code, log = "timeout", str(timeout.stdout or "") + str(timeout.stderr or "")
+    record = {**spec.record(), "interval": _interval(spec.algorithm, effective_kwargs(spec)),
+              "process_wall_s": time.perf_counter() - started, "cli_overrides": overrides}  # fmt: skip
+    if code != 0:
+        return {**record, "error": f"exit {code}", "log_tail": log[-3000:]}
+    return {**record, **curves(run_dir / "metrics.jsonl", spec.algorithm)}
+
+
+def effective_kwargs(spec: RunSpec) -> dict[str, float]:
+    """The loss kwargs the run trains with: the chosen ones, then any `algorithm.loss_kwargs.X=v` among
+    its overrides (the ablation's), as Hydra applies them (the last one wins)."""
+    kwargs: dict[str, float] = dict(spec.loss_kwargs)
+    for override in spec.overrides:
+        name, _, value = override.partition("=")
+        if name.startswith("algorithm.loss_kwargs."):
+            try:
+                kwargs[name.removeprefix("algorithm.loss_kwargs.")] = float(value)
+            except ValueError:
+                continue  # not a bound (e.g. token_mask=true)
+    return kwargs
+
+
+def run_dir_name(key: str) -> str:
+    """A directory name for a run key that Hydra's override grammar accepts in hydra.run.dir (a key holds
+    '=' and ','), made unique again by a hash of the key."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", key)[:150] + "_" + hashlib.sha1(key.encode()).hexdigest()[:8]
+
+
+def _interval(algo: str, loss_kwargs: dict[str, float]) -> list[float] | None:
+    """[lo, hi] of the weight (CISPO) or ratio (DAPO, GRPO) after the offset convention."""
+    bounds = ratio_bounds(algo, loss_kwargs)
+    return None if bounds is None else [round(bounds[0], 10), round(bounds[1], 10)]
 
 
 def curves(metrics: Path, algo: str) -> dict[str, Any]:
@@ -94,8 +146,8 @@ def curves(metrics: Path, algo: str) -> dict[str, Any]:
         wall.append(elapsed)
     evals = [(0, 0.0, start["eval/accuracy"])] if "eval/accuracy" in start else []
     evals += [(r["step"], w, r["eval/accuracy"]) for r, w in zip(steps, wall) if r.get("eval/ran")]
-    series = {key: [r.get(key) for r in steps] for key in STEP_KEYS}
-    series.update({f"loss/{key}": [r.get(f"{algo}/{key}") for r in steps] for key in LOSS_KEYS})
+    series = {key: [_finite(r.get(key)) for r in steps] for key in (*STEP_KEYS, *DIAG_KEYS)}
+    series.update({f"loss/{key}": [_finite(r.get(f"{algo}/{key}")) for r in steps] for key in LOSS_KEYS})
     return {
         "steps": [r["step"] for r in steps],
         "wall_s": wall,
@@ -106,200 +158,135 @@ def curves(metrics: Path, algo: str) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def first_reaching(evals: dict[str, list], target: float) -> tuple[float, float] | None:
-    """(step, seconds) of the first evaluation at or above target; None if never."""
-    for step, wall, acc in zip(evals["step"], evals["wall_s"], evals["accuracy"]):
-        if acc >= target:
-            return float(step), float(wall)
-    return None
+def _finite(value: Any) -> Any:
+    """NaN (a step that trained nothing logs its training keys as NaN) as null: valid JSON."""
+    return None if isinstance(value, float) and value != value else value
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    if not values:
-        return float("nan"), float("nan")
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def load_result(path: Path, task: str) -> dict[str, Any]:
+    """A task's JSON (schema 2), or the first study's algorithms.json (schema 1) read as phase `legacy`
+    with the preset clip values it ran with; a missing file is an empty result."""
+    if not path.exists():
+        return {"schema": SCHEMA_VERSION, "task": task, "runs": []}
+    result = json.loads(path.read_text())
+    if result.get("schema", 1) >= 2:
+        return result
+    presets = {"cispo": {"eps_low": 1.0, "eps_high": 4.0}, "dapo": {"eps_low": 0.2, "eps_high": 0.28},
+               "grpo": {"eps": 0.2}}  # fmt: skip
+    runs = []
+    for run in result.get("runs", []):
+        spec = RunSpec("scratchpad", "legacy", run["algorithm"], run["K"], run["seed"], run["lr"],
+                       stats._kwargs(presets[run["algorithm"]]))  # fmt: skip
+        bounds = _interval(run["algorithm"], presets[run["algorithm"]])
+        runs.append({**run, **spec.record(), "interval": bounds})
+    return {**result, "schema": SCHEMA_VERSION, "task": "scratchpad", "migrated_from_schema": 1, "runs": runs}
 
 
-def _cell_key(k: int, algo: str, lr: float, by_lr: bool) -> str:
-    return f"K{k}/{algo}" + (f"/lr{lr:g}" if by_lr else "")
-
-
-def summarise(runs: list[dict[str, Any]], target: float, by_lr: bool = False) -> dict[str, Any]:
-    """Per (K, algorithm), and learning rate if by_lr (the sweep): final held-out accuracy, steps and
-    seconds to the target (over the seeds that reached it), and those ratios against DAPO at the same K
-    (and learning rate)."""
-    cells: dict[str, dict[str, Any]] = {}
-    for run in runs:
-        if "error" in run:
-            continue
-        fresh = {"K": run["K"], "algorithm": run["algorithm"], "lr": run["lr"], "runs": []}
-        cell = cells.setdefault(_cell_key(run["K"], run["algorithm"], run["lr"], by_lr), fresh)
-        cell["runs"].append(run)
-    for cell in cells.values():
-        finals = [r["eval"]["accuracy"][-1] for r in cell["runs"]]
-        reached = [x for x in (first_reaching(r["eval"], target) for r in cell["runs"]) if x]
-        cell.update(
-            seeds=len(cell["runs"]),
-            final_accuracy=_mean_std(finals),
-            # The mean over every evaluation after step 0: steadier than the last point alone.
-            mean_accuracy=_mean_std([statistics.fmean(r["eval"]["accuracy"][1:]) for r in cell["runs"]]),
-            reached=len(reached),
-            steps_to_target=_mean_std([x[0] for x in reached]),
-            seconds_to_target=_mean_std([x[1] for x in reached]),
-            clip_frac=statistics.fmean(_flat(cell["runs"], "loss/clip_frac")),
-            wall_s=statistics.fmean(r["wall_s"][-1] for r in cell["runs"]),
-            # DAPO's dynamic sampling draws extra rounds to replace all-equal groups: its cost in samples.
-            samples=statistics.fmean(sum(_flat([r], "rollout/samples_generated")) for r in cell["runs"]),
-        )
-        del cell["runs"]
-    for cell in cells.values():
-        dapo = cells.get(_cell_key(cell["K"], "dapo", cell["lr"], by_lr))
-        if dapo and dapo["reached"] and cell["reached"]:
-            cell["steps_ratio_vs_dapo"] = cell["steps_to_target"][0] / dapo["steps_to_target"][0]
-            cell["seconds_ratio_vs_dapo"] = cell["seconds_to_target"][0] / dapo["seconds_to_target"][0]
-    order = sorted(cells.items(), key=lambda kv: (kv[1]["K"], kv[1]["algorithm"], kv[1]["lr"]))
-    return {"target_accuracy": target, "cells": dict(order)}
-
-
-def _flat(runs: list[dict[str, Any]], key: str) -> list[float]:
-    return [v for r in runs for v in r["series"].get(key, []) if v is not None] or [float("nan")]
-
-
-def table(summary: dict[str, Any], meta: dict[str, Any]) -> str:
-    fmt = lambda ms, p=3: "-" if ms[0] != ms[0] else f"{ms[0]:.{p}f} ± {ms[1]:.{p}f}"  # noqa: E731
-    lines = [
-        f"{meta['description']}; target held-out accuracy {summary['target_accuracy']:.2f}",
-        "",
-        "| K | algorithm | lr | seeds | final accuracy | mean accuracy | reached | steps to target | "
-        "s to target | steps ratio vs DAPO | s ratio vs DAPO | clip frac | samples | RL wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for cell in summary["cells"].values():
-        ratio = lambda key, c=cell: f"{c[key]:.2f}" if key in c else "-"  # noqa: E731
-        lines.append(
-            f"| {cell['K']} | {cell['algorithm']} | {cell['lr']:g} | {cell['seeds']} | "
-            f"{fmt(cell['final_accuracy'])} | {fmt(cell['mean_accuracy'])} | "
-            f"{cell['reached']}/{cell['seeds']} | {fmt(cell['steps_to_target'], 1)} | "
-            f"{fmt(cell['seconds_to_target'], 0)} | {ratio('steps_ratio_vs_dapo')} | "
-            f"{ratio('seconds_ratio_vs_dapo')} | {cell['clip_frac']:.3f} | {cell['samples']:.0f} | "
-            f"{cell['wall_s']:.0f} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def plot(runs: list[dict[str, Any]], ks: list[int], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, len(ks), figsize=(5 * len(ks), 7), squeeze=False)
-    for col, k in enumerate(ks):
-        for algo in ALGORITHMS:
-            done = [r for r in runs if r["K"] == k and r["algorithm"] == algo and "error" not in r]
-            if not done:
-                continue
-            n = min(len(r["eval"]["accuracy"]) for r in done)
-            accs = [[r["eval"]["accuracy"][i] for r in done] for i in range(n)]
-            mean = [statistics.fmean(a) for a in accs]
-            std = [statistics.stdev(a) if len(a) > 1 else 0.0 for a in accs]
-            for row, axis in enumerate(("step", "wall_s")):
-                xs = [statistics.fmean(r["eval"][axis][i] for r in done) for i in range(n)]
-                ax = axes[row][col]
-                ax.plot(xs, mean, marker="o", markersize=3, label=f"{algo} ({len(done)} seeds)")
-                ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
-                                alpha=0.2)  # fmt: skip
-        for row, label in enumerate(("step", "RL wall time (s, mean over seeds)")):
-            ax = axes[row][col]
-            ax.set_title(f"K = {k} updates per batch")
-            ax.set_xlabel(label)
-            ax.set_ylabel("held-out accuracy")
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
-    fig.suptitle("experiment=algorithms_bench: scratchpad sums of 6-8 terms, mean ± std across seeds")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
-    plt.close(fig)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="K = 4 only (3 algorithms x the seeds)")
-    parser.add_argument("--sweep", action="store_true", help="learning rates at K = 4, seed 0")
-    parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
-    parser.add_argument("--ks", default="1,4,16")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--lr", default="cispo=3e-5,grpo=3e-5,dapo=3e-5", help="per algorithm (from --sweep)")
-    parser.add_argument("--sweep-lrs", default="3e-5,1e-4")
-    parser.add_argument("--target", type=float, default=0.5, help="held-out accuracy to reach")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "algorithms.json"))
-    parser.add_argument("--plot", default=str(REPO / "docs" / "algorithms.png"))
-    parser.add_argument("--runs", default=str(REPO / "runs" / "algorithms_bench"))
-    cache = os.environ.get("CISPO_CACHE", str(Path("~/.cache/cispo").expanduser()))
-    parser.add_argument("--cache", default=cache, help="where the shared warm start is cached")
-    parser.add_argument("--resume", action="store_true", help="keep the runs already in --out")
-    parser.add_argument("--run-timeout-s", type=float, default=900.0)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.ks = "4"
-    if args.sweep:
-        args.out = args.out.replace(".json", "_sweep.json")
-        args.plot = args.plot.replace(".png", "_sweep.png")
-    return args
-
-
-def plan(args: argparse.Namespace) -> list[tuple[str, int, int, float]]:
-    """(algorithm, K, seed, lr) in the interleaved order the runs take."""
+def phase_plan(args: argparse.Namespace, runs: list[dict[str, Any]]) -> list[RunSpec]:
+    """The runs of args.phase; report and ablation read the choices from the task's tuning runs."""
     algos = [a for a in args.algorithms.split(",") if a]
     unknown = sorted(set(algos) - set(ALGORITHMS))
     if unknown:
         raise SystemExit(f"--algorithms: unknown {unknown}; choose from {list(ALGORITHMS)}")
-    if args.sweep:
-        lrs = [float(x) for x in args.sweep_lrs.split(",")]
-        return [(algo, 4, 0, lr) for lr in lrs for algo in algos]
-    lr = {name: float(v) for name, v in (kv.split("=") for kv in args.lr.split(","))}
-    ks = [int(x) for x in args.ks.split(",")]
-    return [(algo, k, seed, lr[algo]) for seed in range(args.seeds) for k in ks for algo in algos]
+    ks = [int(k) for k in args.ks.split(",")] if args.ks else None
+    if args.phase == "tune":
+        return stats.tune_plan(args.task, algos, ks or stats.TUNE_KS)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    choices = stats.choose(runs, args.target)
+    if args.phase == "report":
+        return stats.report_plan(args.task, algos, ks or TASKS[args.task]["report_ks"], seeds, choices)
+    if not args.override:
+        raise SystemExit("--phase ablation needs at least one --override (the one change it tests)")
+    return stats.report_plan(args.task, ["cispo"], ks or [16], seeds, choices, "ablation", args.override)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--task", choices=sorted(TASKS), default="scratchpad")
+    parser.add_argument("--phase", choices=PHASES, default="report")
+    parser.add_argument("--algorithms", default=",".join(ALGORITHMS))
+    parser.add_argument("--ks", default="", help="default: tune 4,16; report the task's; ablation 16")
+    parser.add_argument("--seeds", default=",".join(map(str, stats.REPORT_SEEDS)), help="report, ablation")
+    parser.add_argument("--steps", type=int, default=None, help="default: the task's preset")
+    parser.add_argument("--target", type=float, default=None, help="held-out accuracy to reach")
+    parser.add_argument("--override", action="append", default=[], help="ablation: Hydra override")
+    parser.add_argument("--out", default=None, help="default benchmarks/results/algorithms_<task>.json")
+    parser.add_argument("--plot", default=None, help="default docs/algorithms_<task>.png")
+    parser.add_argument("--runs", default=None, help="default runs/algorithms_<task>")
+    cache = os.environ.get("CISPO_CACHE", str(Path("~/.cache/cispo").expanduser()))
+    parser.add_argument("--cache", default=cache, help="where the shared warm start is cached")
+    parser.add_argument("--resume", action="store_true", help="skip the runs already finished in --out")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan and its estimate only")
+    parser.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (a session)")
+    parser.add_argument("--run-timeout-s", type=float, default=1800.0)
+    args = parser.parse_args(argv)
+    args.out = args.out or str(REPO / "benchmarks" / "results" / f"algorithms_{args.task}.json")
+    args.plot = args.plot or str(REPO / "docs" / f"algorithms_{args.task}.png")
+    args.runs = args.runs or str(REPO / "runs" / f"algorithms_{args.task}")
+    args.target = TASKS[args.task]["target"] if args.target is None else args.target
+    return args
+
+
+def _print_plan(plan: list[RunSpec], todo: list[RunSpec], finished: list[dict[str, Any]]) -> None:
+    estimate = stats.estimate_s(len(todo), finished)
+    eta = "no finished run to estimate from" if estimate is None else f"about {estimate / 3600:.1f} h"
+    print(f"plan: {len(plan)} runs, {len(plan) - len(todo)} already finished, {len(todo)} to run; {eta}",
+          flush=True)  # fmt: skip
+    for spec in todo:
+        print(f"  {spec.key}", flush=True)
+
+
+def _write(out: Path, result: dict[str, Any]) -> None:
+    """Atomically (a kill mid-write leaves the previous file)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, out)
+
+
+def _refresh(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    choices = stats.choose(result["runs"], args.target)
+    for name, choice in choices.items():
+        choice["interval"] = _interval(name.split("/")[1], choice["loss_kwargs"])
+    task, summary = TASKS[args.task], stats.summarise(result["runs"], args.target)
+    return {**result, "schema": SCHEMA_VERSION, "task": args.task, "experiment": task["experiment"],
+            "target": args.target, "choices": choices, "summary": summary,
+            "description": f"experiment={task['experiment']} ({task['what']}), torch learner, 1 rollout "
+                           "worker, 2 CPU cores"}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
     given = list(argv if argv is not None else sys.argv[1:])
     args = parse_args(given)
     out = Path(args.out)
-    old = json.loads(out.read_text()) if args.resume and out.exists() else {}
-    done = {run_id(r["algorithm"], r["K"], r["seed"], r["lr"]): r for r in old.get("runs", [])
-            if "error" not in r}  # fmt: skip
-    runs: list[dict[str, Any]] = []
-    todo = plan(args)
-    ks = sorted({k for _, k, _, _ in todo})
-    meta = {
-        "schema": SCHEMA_VERSION,
-        # --resume only reuses finished runs: the command that makes the same result is the one without it.
-        "command": " ".join(["python benchmarks/algorithms.py", *(a for a in given if a != "--resume")]),
-        "description": (
-            f"{len(ALGORITHMS)} algorithms x K in {ks} x {args.seeds if not args.sweep else 1} seed(s), "
-            f"{args.steps} steps of 16 prompts x 8 samples each, torch learner, 1 rollout worker, 2 CPU cores"
-        ),
-        "algorithms": sorted({a for a, _, _, _ in todo}),
-        "ks": ks,
-        "seeds": 1 if args.sweep else args.seeds,
-        "steps": args.steps,
-    }
-    for i, (algo, k, seed, lr) in enumerate(todo, 1):
-        key = run_id(algo, k, seed, lr)
-        run = done.get(key) or train(algo, k, seed, lr, args)
-        runs.append(run)
+    result = load_result(out, args.task)
+    if result.get("task", args.task) != args.task:
+        raise SystemExit(f"{out} holds task {result['task']!r}, not {args.task!r}")
+    plan = phase_plan(args, result["runs"])
+    finished = [r for r in result["runs"] if "error" not in r]
+    todo = stats.pending(plan, [r["key"] for r in finished]) if args.resume else plan
+    _print_plan(plan, todo, finished)
+    todo = todo[: args.max_runs] if args.max_runs is not None else todo
+    if args.dry_run:
+        return
+    # --resume only reuses finished runs: the command that makes the same result is the one without it.
+    command = " ".join(["python benchmarks/algorithms.py", *(a for a in given if a != "--resume")])
+    result["commands"] = sorted({*result.get("commands", []), command})
+    for i, spec in enumerate(todo, 1):
+        run = train(spec, args)
+        result["runs"] = [r for r in result["runs"] if r.get("key") != spec.key] + [run]
         status = run.get("error") or f"final accuracy {run['eval']['accuracy'][-1]:.3f}"
-        print(f"[{i}/{len(todo)}] {key}: {status} ({run['process_wall_s']:.0f} s)", flush=True)
-        summary = summarise(runs, args.target, args.sweep) if any("error" not in r for r in runs) else {}
-        # After every run: a crash or Ctrl-C loses at most the run in progress (--resume continues).
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({**meta, "summary": summary, "runs": runs}, indent=1))
-    summary = summarise(runs, args.target, args.sweep)
-    plot(runs, ks, Path(args.plot))
-    write_report(out, {**meta, "summary": summary, "runs": runs}, table(summary, meta))
+        print(f"[{i}/{len(todo)}] {spec.key}: {status} ({run['process_wall_s']:.0f} s)", flush=True)
+        result = _refresh(result, args)
+        _write(out, result)  # after every run: a crash or Ctrl-C loses at most the run in progress
+    result = _refresh(result, args)
+    _write(out, result)
+    markdown = report_markdown(result)
+    print(markdown)
+    out.with_suffix(".md").write_text(markdown)
+    task = TASKS[args.task]
+    title = f"experiment={task['experiment']}: {task['what']}, mean ± std across seeds"
+    plot(result["runs"], title, Path(args.plot))  # the reported matrix and the ablation, not the tuning
 
 
 if __name__ == "__main__":

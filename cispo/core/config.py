@@ -215,6 +215,14 @@ class AlgorithmConfig:
     # the run naming the likely causes, or only warn (zero_variance_action=warn); 0: never.
     max_zero_variance_steps: int = 20
     zero_variance_action: str = "stop"
+    # Reference-model KL (k3 estimator, Schulman) added to the loss: kl_coef * sum_t c_t * k3_t, against a
+    # frozen copy of the policy as RL started, held by the learner ranks. 0: off, no reference is built.
+    kl_coef: float = 0.0
+    # DAPO's soft overlong punishment, its window tied to the current budget (rollout.max_new_tokens, the
+    # curriculum stage's): L_max = budget, L_cache = overlong_buffer * budget; penalty in
+    # [-overlong_penalty, 0] added to the reward before advantages. 0: off.
+    overlong_buffer: float = 0.0
+    overlong_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         check_finite_fields(self, "algorithm")
@@ -225,6 +233,9 @@ class AlgorithmConfig:
         _require(self.dynamic_sampling_rounds >= 0, "algorithm.dynamic_sampling_rounds", "must be >= 0")
         _require(self.max_staleness >= 0, "algorithm.max_staleness", "must be >= 0 (0: synchronous)")
         _require(self.max_zero_variance_steps >= 0, "algorithm.max_zero_variance_steps", ">= 0 (0: off)")
+        _require(self.kl_coef >= 0, "algorithm.kl_coef", "must be >= 0 (0: no reference-model KL)")
+        _require(0.0 <= self.overlong_buffer < 1.0, "algorithm.overlong_buffer", "a fraction in [0, 1)")
+        _require(self.overlong_penalty >= 0, "algorithm.overlong_penalty", "must be >= 0")
         _require(
             self.zero_variance_action in ("stop", "warn"),
             "algorithm.zero_variance_action",

@@ -98,7 +98,8 @@ def rollout(cfg: TrainConfig, stages: Stages, step: int) -> tuple[list[Sample], 
 def learn(cfg: TrainConfig, stages: Stages, samples: list[Sample], loop: Loop) -> dict[str, float]:
     """Group advantages -> K minibatch updates -> new weights to the rollout engines."""
     pad = stages.rollout.tokenizer.pad_token_id
-    batch, metrics = make_train_batch(samples, cfg.algorithm, stages.advantage_fn, pad)
+    budgets = [stages.rollout.last_budget] * len(samples)  # the budget they were generated with
+    batch, metrics = make_train_batch(samples, cfg.algorithm, stages.advantage_fn, pad, budgets)
     reward_mean = sum(s.reward for s in samples) / max(1, len(samples))
     loop.zero_variance.observe(metrics["advantage/zero_variance_frac"], reward_mean, stages.tracker.print)
     metrics.update(dict.fromkeys(train_keys(cfg.algorithm.loss), float("nan")))

@@ -99,6 +99,9 @@ class RolloutStage:
         self._scoring: ScoringThread | None = None
         self.dropped = 0
         self.last_batch: list[int] = []  # the data indices of the groups of the last batch taken, in order
+        # The budget the last batch taken was generated with (its step's plan: with steps drawn ahead, the
+        # stage's when the step was scheduled, not the current one): the window of DAPO's overlong shaping.
+        self.last_budget = cfg.rollout.max_new_tokens
 
     # ---------------------------------------------------------------------------------- plumbing
     @property
@@ -244,7 +247,9 @@ class RolloutStage:
         metrics.update(combine_group_metrics([g.metrics for g in seen]))
         metrics.update(self._stream_metrics(samples, step, waited))
         metrics["rollout/groups"] = float(len(kept))
+        metrics["rollout/budget"] = float(plan.budget)  # may differ from curriculum/budget when drawn ahead
         self.last_batch = [int(g.key[3]) for g in kept]  # type: ignore[index]
+        self.last_budget = plan.budget
         return samples, metrics
 
     def _take(self, keys: list[Key], learner_version: int, budget: int) -> list[ScoredGroup]:

@@ -10,16 +10,21 @@ algorithm (`actor/grad_norm`, `actor/lr`, `actor/router_aux_loss`) under `actor/
 
 from __future__ import annotations
 
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
 from cispo.algo.advantages import AdvantageFn
+from cispo.algo.losses import get_policy_loss
 from cispo.core.config import AlgorithmConfig
 from cispo.core.metrics import combine_metrics
 from cispo.core.types import Sample, TrainBatch
 from cispo.driver.batch import build_train_batch, split_minibatches
+from cispo.driver.shaping import shaped_rewards
 from cispo.learner import Learner
 
 ACTOR_KEYS = ("grad_norm", "lr", "router_aux_loss", "skipped_frac")
@@ -97,6 +102,68 @@ class NonFiniteGuard:
             )
 
 
+RATIO_KEYS = ("ratio/p50", "ratio/p90", "ratio/p99", "ratio/max", "ratio/abs_log_first", "ratio/abs_log_last")
+RATIO_CAP_KEYS = ("ratio/cap_frac_high", "ratio/cap_frac_low")
+
+
+def _hyper(loss_name: str, loss_kwargs: Mapping[str, Any], name: str) -> float:
+    """A clip parameter as the loss will see it: given in loss_kwargs, else the loss function's default
+    (read from its signature, so the two cannot drift apart)."""
+    if name in loss_kwargs:
+        return float(loss_kwargs[name])
+    return float(inspect.signature(get_policy_loss(loss_name)).parameters[name].default)
+
+
+def _asymmetric_bounds(loss_name: str, loss_kwargs: Mapping[str, Any]) -> tuple[float, float]:
+    return (1.0 - _hyper(loss_name, loss_kwargs, "eps_low"), 1.0 + _hyper(loss_name, loss_kwargs, "eps_high"))
+
+
+def _symmetric_bounds(loss_name: str, loss_kwargs: Mapping[str, Any]) -> tuple[float, float]:
+    eps = _hyper(loss_name, loss_kwargs, "eps")
+    return 1.0 - eps, 1.0 + eps
+
+
+# Per loss name: the interval [lo, hi] its IS weight (CISPO) or ratio (the clipped surrogates) is held to,
+# after the offset convention (1 - eps_low, 1 + eps_high): CISPO's default [0, 5], DAPO's [0.8, 1.28].
+RATIO_BOUNDS: dict[str, Callable[[str, Mapping[str, Any]], tuple[float, float]]] = {
+    "cispo": _asymmetric_bounds,
+    "dapo": _asymmetric_bounds,
+    "grpo": _symmetric_bounds,
+}
+
+
+def ratio_bounds(loss_name: str, loss_kwargs: Mapping[str, Any]) -> tuple[float, float] | None:
+    """[lo, hi] of the loss's weight or ratio; None for a loss without known bounds (a dotted path)."""
+    bounds = RATIO_BOUNDS.get(loss_name)
+    return bounds(loss_name, loss_kwargs) if bounds else None
+
+
+def ratio_metrics(log_ratios: list[torch.Tensor], bounds: tuple[float, float] | None) -> dict[str, float]:
+    """How far the K updates moved the policy from the behaviour policy, over every trained token of the
+    step. log_ratios: per minibatch in update order, log r = logp - old_logp of its response tokens, with
+    logp taken before that minibatch's update (so the last one has seen K - 1 updates).
+
+    ratio/p50, p90, p99, max: quantiles of r over all minibatches; ratio/cap_frac_high, cap_frac_low: the
+    fraction of tokens with r > hi and r < lo (the loss's own test; only for a loss with known bounds);
+    ratio/abs_log_first, abs_log_last: mean |log r| in the first minibatch (before any update: only the
+    train/inference mismatch) and the last (the drift by the K-th update)."""
+    log_r = torch.cat(log_ratios)
+    if log_r.numel() == 0:
+        return {}
+    ratio = log_r.exp()
+    # numpy's quantile (linear interpolation, like torch's) has no size limit; torch.quantile stops at 2^24
+    # elements, fewer tokens than one step of a large run.
+    p50, p90, p99 = (float(q) for q in np.quantile(ratio.cpu().numpy(), [0.5, 0.9, 0.99]))
+    out = {"ratio/p50": p50, "ratio/p90": p90, "ratio/p99": p99, "ratio/max": ratio.max().item()}
+    for key, part in (("ratio/abs_log_first", log_ratios[0]), ("ratio/abs_log_last", log_ratios[-1])):
+        out[key] = part.abs().mean(dtype=torch.float64).item() if part.numel() else float("nan")
+    if bounds is not None:
+        low, high = bounds
+        out["ratio/cap_frac_high"] = (ratio > high).sum().item() / ratio.numel()
+        out["ratio/cap_frac_low"] = (ratio < low).sum().item() / ratio.numel()
+    return out
+
+
 def loss_prefix(loss_name: str) -> str:
     """`cispo`, `grpo`, `dapo` (or any registered name); `actor` for a loss given by dotted path."""
     return loss_name if loss_name.isidentifier() else "actor"
@@ -114,24 +181,34 @@ def train_keys(loss_name: str) -> tuple[str, ...]:
         "train_infer/logprob_corr",
         "time/train_s",
         "time/weight_sync_s",
+        *RATIO_KEYS,
+        *(RATIO_CAP_KEYS if loss_name in RATIO_BOUNDS else ()),
     )
 
 
 def make_train_batch(
-    samples: list[Sample], algo: AlgorithmConfig, advantage_fn: AdvantageFn, pad_token_id: int
+    samples: list[Sample],
+    algo: AlgorithmConfig,
+    advantage_fn: AdvantageFn,
+    pad_token_id: int,
+    budgets: Sequence[int] | None = None,
 ) -> tuple[TrainBatch | None, dict[str, float]]:
-    """Group advantages; zero-variance groups carry no signal and are dropped when configured."""
-    rewards = torch.tensor([s.reward for s in samples])
+    """Group advantages of the shaped rewards (the task reward plus DAPO's overlong penalty, whose window
+    is each sample's generation budget, `budgets`: cispo.driver.shaping); zero-variance groups carry no
+    signal and are dropped when configured."""
+    rewards, metrics = shaped_rewards(samples, algo, budgets)
     advantages = advantage_fn(rewards, algo.group_size, **algo.advantage_kwargs)
     keep = (
         advantages.keep_rows(algo.group_size)
         if algo.filter_zero_variance
         else torch.ones(len(samples), dtype=torch.bool)
     )
-    metrics = {
-        "advantage/zero_variance_frac": advantages.zero_variance_groups.float().mean().item(),
-        "advantage/abs_mean": advantages.values.abs().mean().item(),
-    }
+    metrics.update(
+        {
+            "advantage/zero_variance_frac": advantages.zero_variance_groups.float().mean().item(),
+            "advantage/abs_mean": advantages.values.abs().mean().item(),
+        }
+    )
     if not keep.any():
         return None, metrics
     rows = keep.nonzero().squeeze(1).tolist()
@@ -146,15 +223,19 @@ def update_policy(
     generator: torch.Generator,
     guard: NonFiniteGuard | None = None,
 ) -> dict[str, float]:
-    """K minibatch updates in one learner call (one request to the ranks, not K); the first minibatch's
-    forward (before any update) gives the train/infer check."""
+    """K minibatch updates in one learner call (one request to the ranks, not K). Every minibatch's
+    log-probs come back from the same forward as its update (before it): the first minibatch's give the
+    train/infer check, all of them the ratio diagnostics (`ratio/*`, see ratio_metrics)."""
     start, per_minibatch, checks = time.perf_counter(), [], {}
     minibatches = split_minibatches(batch, algo.updates_per_batch, generator)
-    results = learner.train_steps(minibatches, [index == 0 for index in range(len(minibatches))])
-    for minibatch, result in zip(minibatches, results, strict=True):
+    results = learner.train_steps(minibatches, [True] * len(minibatches))
+    log_ratios: list[torch.Tensor] = []
+    for index, (minibatch, result) in enumerate(zip(minibatches, results, strict=True)):
         if result.logprobs is not None:
             mask = minibatch.response_mask.bool()
-            checks = train_infer_metrics(result.logprobs[mask], minibatch.old_logprobs[mask])
+            if index == 0:
+                checks = train_infer_metrics(result.logprobs[mask], minibatch.old_logprobs[mask])
+            log_ratios.append((result.logprobs[mask] - minibatch.old_logprobs[mask]).float())
         per_minibatch.append(result.metrics)
         if guard is not None:
             guard.observe(result.metrics)
@@ -165,6 +246,8 @@ def update_policy(
         for key, value in combined.items()
     }
     out.update(checks)
+    if len(log_ratios) == len(minibatches):
+        out.update(ratio_metrics(log_ratios, ratio_bounds(algo.loss, algo.loss_kwargs)))
     out["time/train_s"] = time.perf_counter() - start
     out["train/tokens"] = float(batch.num_response_tokens())
     return out

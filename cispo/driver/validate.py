@@ -177,7 +177,16 @@ def check_plugins(cfg: TrainConfig) -> None:
             load_reward(item.name, dict(item.kwargs), low=item.low, high=item.high)
         except (ValueError, TypeError) as err:
             raise _fail(f"reward.rewards[{index}]", str(err)) from None
+        if algo.overlong_buffer > 0 and item.name in OVERLONG_REWARDS:
+            # The same curve twice: once from the reward plugin (fixed window), once from the shaping.
+            raise _fail(
+                f"reward.rewards[{index}]",
+                "the overlong reward and algorithm.overlong_buffer > 0 would penalise length twice; keep one",
+            )
     check_placement(cfg)
+
+
+OVERLONG_REWARDS = ("overlong", "rewards.length:overlong_reward")
 
 
 def check_placement(cfg: TrainConfig) -> None:

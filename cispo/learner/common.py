@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor, nn
 
+from cispo.algo.kl import reference_kl
 from cispo.algo.logprobs import sequence_logprobs
 from cispo.core.config import AlgorithmConfig, LearnerConfig
 from cispo.core.metrics import combine_metrics
@@ -136,8 +137,10 @@ def micro_batch_loss(
     algorithm: AlgorithmConfig,
     token_share: float,
     packing: bool = False,
+    ref_logprobs: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """This micro-batch's term of the minibatch loss (policy loss + its share of the router aux loss).
+    """This micro-batch's term of the minibatch loss (policy loss + its share of the router aux loss +
+    algorithm.kl_coef * the reference-KL penalty, with `ref_logprobs` the frozen reference's log-probs).
     packing: the router logits are those of the packed stream, every token of it real."""
     loss, metrics = loss_fn(
         logprobs,
@@ -147,6 +150,8 @@ def micro_batch_loss(
         token_weights=token_weights,
         **algorithm.loss_kwargs,
     )
+    if algorithm.kl_coef > 0:
+        loss = add_reference_kl(loss, metrics, logprobs, ref_logprobs, part, token_weights, algorithm.kl_coef)
     if router_logits:
         mask = part.attention_mask
         if packing:
@@ -157,6 +162,24 @@ def micro_batch_loss(
     if entropy is not None:
         metrics["entropy"] = (entropy * part.response_mask).sum() / part.response_mask.sum().clamp(min=1)
     return loss, metrics
+
+
+def add_reference_kl(
+    loss: Tensor,
+    metrics: dict[str, Tensor],
+    logprobs: Tensor,
+    ref_logprobs: Tensor | None,
+    part: TrainBatch,
+    token_weights: Tensor,
+    coef: float,
+) -> Tensor:
+    """loss + coef * the k3 reference-KL penalty (cispo/algo/kl.py) with the policy loss's token weights,
+    so micro-batch terms sum to the minibatch's; its metric (kl_ref) goes into `metrics`."""
+    if ref_logprobs is None:
+        raise ValueError("algorithm.kl_coef > 0 but the learner passed no reference log-probs")
+    penalty, kl_metrics = reference_kl(logprobs, ref_logprobs, part.response_mask, token_weights)
+    metrics.update(kl_metrics)
+    return loss + coef * penalty
 
 
 class StepParts:

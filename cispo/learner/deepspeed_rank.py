@@ -54,6 +54,7 @@ from cispo.learner.common import (
     set_base_lr,
 )
 from cispo.learner.rank_weights import RankWeights
+from cispo.learner.reference import RankReference
 from cispo.learner.sequence_parallel import (
     SequenceShard,
     UlyssesExchange,
@@ -198,6 +199,7 @@ class DeepSpeedRank:
         self.bf16 = any(p.dtype == torch.bfloat16 for p in policy.parameters())
         self.module = LogprobModule(policy, self.cfg, init["temperature"], init["packing"])
         self.loss_fn = get_policy_loss(self.algorithm.loss)
+        self.reference = self._build_reference(policy, init) if self.algorithm.kl_coef > 0 else None
         optimizer = build_optimizer(policy, self.cfg)
         steps = init["total_steps"] * self.algorithm.updates_per_batch
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -213,18 +215,40 @@ class DeepSpeedRank:
         self.device = self.engine.device
         self.weights = RankWeights(policy, self.rank)
 
+    def _build_reference(self, policy: nn.Module, init: dict[str, Any]) -> RankReference:
+        """The KL's frozen reference (cispo/learner/reference.py), before the policy's engine exists."""
+        return RankReference.build(
+            policy,
+            lambda model: LogprobModule(model, self.cfg, init["temperature"], init["packing"]),
+            lambda: _materialise(
+                init["model"], self.cfg, init.get("ds_config"), init.get("zero_init", False)
+            ),
+            rank=self.rank,
+            sp_size=self.cfg.sequence_parallel_size,
+            ds_config=build_ds_config(self.cfg, self.world, self.bf16, init.get("ds_config")),
+        )
+
+    def _reference_logprobs(self, part: Part) -> Tensor | None:
+        """The frozen reference's log-probs of the part, by the policy's path (None: no KL)."""
+        if self.reference is None:
+            return None
+        self.reference.module.temperature = self.module.temperature  # a stage may have changed it
+        with torch.no_grad(), self._context(part, self.reference.policy):
+            return self._run(part, False, self.reference.forward)[0]
+
     @contextlib.contextmanager
-    def _context(self, part: Part) -> Any:
+    def _context(self, part: Part, policy: nn.Module | None = None) -> Any:
         """Routing replay / router-logit capture (over the model's inputs), and the SP exchange (with the
         packed rows' global bounds), around a forward (and its backward: gradient checkpointing re-runs
-        the forward there)."""
+        the forward there). policy: the model the forward runs (the reference's; default the policy)."""
         if self.exchange is None:
             layout: Any = contextlib.nullcontext()
         else:
             bounds = part.cu_seqlens if isinstance(part, PackedShard) else None
             layout = sequence_layout(self.exchange, bounds)
         packed = self._packs_whole(part)
-        with moe_context(self.policy, _inputs(part), self.cfg, packed) as router_logits, layout:
+        model = self.policy if policy is None else policy
+        with moe_context(model, _inputs(part), self.cfg, packed) as router_logits, layout:
             yield router_logits
 
     def _packs_whole(self, part: Part) -> bool:
@@ -232,18 +256,21 @@ class DeepSpeedRank:
         arrives as its own slice of the stream, a PackedShard)."""
         return self.module.packing and not isinstance(part, (PackedShard, SequenceShard))
 
-    def _run(self, part: Part, with_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    def _run(
+        self, part: Part, with_entropy: bool, engine: Callable[..., Any] | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """[B, L] log-probs (and entropy) in the part's loss layout (a SequenceShard's: its shifted
-        columns)."""
+        columns). engine: what runs the forward (the reference's; default the policy's engine)."""
         batch = _inputs(part)
+        engine = self.engine if engine is None else engine
         if isinstance(part, PackedShard):
-            lp, ent = self.engine(
+            lp, ent = engine(
                 batch.input_ids, batch.attention_mask, batch.response_mask, with_entropy, part.targets,
                 part.position_ids,
             )  # fmt: skip
             return part.scatter(lp), (None if ent is None else part.scatter(ent))
         extra = (part.targets, part.position_ids()) if isinstance(part, SequenceShard) else ()
-        return self.engine(batch.input_ids, batch.attention_mask, batch.response_mask, with_entropy, *extra)
+        return engine(batch.input_ids, batch.attention_mask, batch.response_mask, with_entropy, *extra)
 
     def _forward(self, part: Part, with_entropy: bool) -> tuple[Tensor, Tensor | None, list | None]:
         part = _to(part, self.device)
@@ -264,6 +291,7 @@ class DeepSpeedRank:
             # The backward inside the replay too: gradient checkpointing recomputes the forward there, and
             # must route it the same way (else it saves other tensors and torch raises CheckpointError).
             batch = _batch(part)
+            ref_logprobs = self._reference_logprobs(part)
             with self._context(part) as router_logits:
                 logprobs, entropy = self._run(part, True)
                 loss, metrics = micro_batch_loss(
@@ -278,6 +306,7 @@ class DeepSpeedRank:
                     algorithm=self.algorithm,
                     token_share=share,
                     packing=self._packs_whole(part),
+                    ref_logprobs=ref_logprobs,
                 )
                 # ZeRO averages gradients over ranks; each rank's loss is already its share of the sum.
                 self.engine.backward(loss * self.world)
@@ -327,12 +356,16 @@ class DeepSpeedRank:
 
     def save(self, directory: str, version: int) -> None:
         self.engine.save_checkpoint(directory, tag="learner", client_state={"version": version})
+        if self.reference is not None:  # the step-0 policy, for an exact resume
+            self.reference.save(directory)
 
     def load(self, directory: str) -> int:
         from cispo.learner.ds_checkpoint import safe_engine_loads
 
         with safe_engine_loads(self.engine):  # weights_only=True: a checkpoint file never runs code
             _, client_state = self.engine.load_checkpoint(directory, tag="learner")
+        if self.reference is not None:
+            self.reference.load(directory)
         return int((client_state or {}).get("version", 0))
 
     # The weight channel and the other ways weights leave (see RankWeights).

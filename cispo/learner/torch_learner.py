@@ -31,6 +31,7 @@ from cispo.learner.common import (
 )
 from cispo.learner.hf_export import unique_tensors, write_hf
 from cispo.learner.micro_batches import token_budget_chunks
+from cispo.learner.reference import frozen_copy, load_reference, save_reference_state
 
 __all__ = ["TorchLearner", "build_optimizer", "lr_lambda", "unique_tensors"]
 
@@ -54,6 +55,8 @@ class TorchLearner:
             torch.set_num_threads(cfg.num_threads)
         self.model, self.cfg, self.algorithm, self.temperature = model, cfg, algorithm, temperature
         prepare_policy(model, cfg)
+        # The reference-KL's frozen policy as RL starts (cispo/learner/reference.py); only with kl_coef > 0.
+        self.reference = frozen_copy(model) if algorithm.kl_coef > 0 else None
         self.loss_fn = get_policy_loss(algorithm.loss)
         self.optimizer = build_optimizer(model, cfg)
         steps = total_steps * algorithm.updates_per_batch
@@ -68,6 +71,14 @@ class TorchLearner:
 
     def _logprobs(self, batch: TrainBatch, with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         return policy_logprobs(self.model, batch, self.cfg, self.temperature, with_entropy, self.packing)
+
+    @torch.no_grad()
+    def _reference_logprobs(self, part: TrainBatch) -> torch.Tensor | None:
+        """The frozen reference's [B, L] log-probs of the part, by the policy's path (None: no KL)."""
+        if self.reference is None:
+            return None
+        with moe_context(self.reference, part, self.cfg, self.packing):
+            return policy_logprobs(self.reference, part, self.cfg, self.temperature, False, self.packing)[0]
 
     @torch.no_grad()
     def compute_logprobs(self, batch: TrainBatch) -> torch.Tensor:
@@ -99,6 +110,7 @@ class TorchLearner:
         for rows in token_budget_chunks(batch, self.cfg.micro_batch_tokens):
             part = batch.select(rows)
             share = part.num_response_tokens() / tokens
+            ref_logprobs = self._reference_logprobs(part)
             # The backward inside the replay too: gradient checkpointing recomputes the forward there, and
             # must route it the same way (else it saves other tensors and torch raises CheckpointError).
             with moe_context(self.model, part, self.cfg, self.packing) as router_logits:
@@ -115,6 +127,7 @@ class TorchLearner:
                     algorithm=self.algorithm,
                     token_share=share,
                     packing=self.packing,
+                    ref_logprobs=ref_logprobs,
                 )
                 loss.backward()
             parts.add(metrics, loss, share)
@@ -185,6 +198,8 @@ class TorchLearner:
             },
             path / OPTIMIZER,
         )
+        if self.reference is not None:  # the step-0 policy, for an exact resume (cispo/learner/reference.py)
+            save_reference_state(self.reference.state_dict(), path)
 
     def load(self, directory: str) -> None:
         from safetensors.torch import load_file
@@ -207,6 +222,8 @@ class TorchLearner:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.version = int(state["version"])
+        if self.reference is not None:
+            load_reference(self.reference, path)
 
     def close(self) -> None:
         pass

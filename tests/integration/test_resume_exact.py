@@ -61,30 +61,42 @@ def trained_groups(run_dir: Path) -> list[list[int]]:
     return [json.loads(line)["groups"] for line in lines]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(("learner", "staleness"), [("torch", 2), ("deepspeed", 0)])
-def test_kill_9_and_resume_equals_the_uninterrupted_run(tmp_path: Path, learner: str, staleness: int):
-    whole, killed = tmp_path / "whole", tmp_path / "killed"
-    done = subprocess.run(
-        command(whole, learner, staleness), env=env(), capture_output=True, text=True, timeout=1200
-    )
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-
+def kill_after(run_dir: Path, steps: int, cmd: list[str]) -> None:
+    """Starts `cmd` and kill -9s it, Ray and learner ranks included, once `steps` steps are logged."""
     proc = subprocess.Popen(
-        command(killed, learner, staleness), env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True,  # its own process group: the kill takes Ray and the learner ranks too
     )  # fmt: skip
     deadline = time.monotonic() + 900
-    while last_step(killed) < KILL_AFTER:
+    while last_step(run_dir) < steps:
         assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert last_step(killed) < STEPS
 
-    again = command(killed, learner, staleness)
-    resumed = subprocess.run(again, env=env(), capture_output=True, text=True, timeout=1200)
-    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("learner", "staleness"), [("torch", 2), ("deepspeed", 0)])
+def test_kill_9_and_resume_equals_the_uninterrupted_run(tmp_path: Path, learner: str, staleness: int):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    # The uninterrupted run goes alongside the killed and resumed ones: they share nothing (run dirs, Ray
+    # instances, ports), and much of a run's start-up waits on processes starting rather than on a CPU.
+    with (tmp_path / "whole.log").open("w") as log:
+        done = subprocess.Popen(
+            command(whole, learner, staleness), env=env(), stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            kill_after(killed, KILL_AFTER, command(killed, learner, staleness))
+            assert last_step(killed) < STEPS
+            again = command(killed, learner, staleness)
+            resumed = subprocess.run(again, env=env(), capture_output=True, text=True, timeout=1200)
+            assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+            assert done.wait(timeout=1200) == 0, (tmp_path / "whole.log").read_text()[-4000:]
+        finally:
+            if done.poll() is None:
+                os.killpg(done.pid, signal.SIGKILL)
+                done.wait()
     assert "resumed from" in (killed / "cli.log").read_text()
     expected, got = rows(whole), rows(killed)
     assert [r["step"] for r in got] == [r["step"] for r in expected]  # none lost, none twice

@@ -1,0 +1,111 @@
+"""A long-trace task: sums of many labelled one-digit terms, every addition written out.
+
+The prompt labels each term with a letter, ``a3b5c8d2e9=``; the target adds the terms one at a time,
+each step naming the term's label, the running sum so far, the term and the new sum:
+``b:3+5=8,c:8+8=16,d:16+2=18,e:18+9=27``. The answer is what follows the last ``=`` (the last step's
+sum), so ``rewards.scratchpad:scratchpad_reward`` scores it unchanged. The labels make each step local
+for a small model: find the next letter's digit in the prompt (a content lookup, not counting positions),
+copy the previous sum from the step before, add. About ten tokens a step with the character tokenizer, so
+16-18 terms give responses of about 150-180 tokens; no tiny model adds 17 digits without the trace.
+
+Three disjoint problem sets by a hash of the problem, as in cispo.driver.scratchpad (its ``bucket``):
+"sft" (the warm start's), "rl" and "eval" (held out). The files of ``experiment=algorithms_long``::
+
+    python -m cispo.driver.longsum --out configs/data/longsum_sft.jsonl.gz --split sft \\
+        --min-terms 2 --max-terms 18 --num-train 20000 --num-eval 0
+    python -m cispo.driver.longsum --out configs/data/longsum_rl.jsonl.gz --split rl \\
+        --min-terms 16 --max-terms 18 --num-train 8000 --num-eval 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import random
+from pathlib import Path
+
+from cispo.driver.scratchpad import bucket, partial_sums
+
+LABELS = "abcdefghijklmnopqrstuvwxyz"
+MAX_TERMS = len(LABELS)
+
+
+def prompt_of(terms: list[int]) -> str:
+    """``[3, 5, 8]`` -> ``a3b5c8=``."""
+    if len(terms) > MAX_TERMS:
+        raise ValueError(f"at most {MAX_TERMS} terms (one letter each), got {len(terms)}")
+    return "".join(f"{label}{term}" for label, term in zip(LABELS, terms)) + "="
+
+
+def target_of(terms: list[int]) -> str:
+    """One step per term after the first: ``label:sum_before+term=sum_after``, comma-separated; the last
+    step's sum is the answer."""
+    if not 2 <= len(terms) <= MAX_TERMS:
+        raise ValueError(f"a long sum needs 2..{MAX_TERMS} terms, got {len(terms)}")
+    sums = partial_sums(terms)
+    steps = [f"{LABELS[i]}:{sums[i - 1]}+{terms[i]}={sums[i]}" for i in range(1, len(terms))]
+    return ",".join(steps)
+
+
+def terms_of(prompt: str) -> list[int]:
+    """The inverse of prompt_of: ``a3b5c8=`` -> ``[3, 5, 8]``."""
+    body = prompt.removesuffix("=")
+    return [int(body[i + 1]) for i in range(0, len(body), 2)]
+
+
+def rows(n: int, split: str, seed: int, min_terms: int, max_terms: int) -> list[dict[str, str]]:
+    """n rows {prompt, answer, metadata}, the number of terms uniform in [min_terms, max_terms], each term
+    in 1..9, drawn from one bucket: "eval", "sft" or "rl" ("train" is sft and rl together)."""
+    if split not in ("train", "eval", "sft", "rl"):
+        raise ValueError(f"split must be train, eval, sft or rl, got {split!r}")
+    if not 2 <= min_terms <= max_terms <= MAX_TERMS:
+        raise ValueError(f"need 2 <= min_terms <= max_terms <= {MAX_TERMS}, got {min_terms}, {max_terms}")
+    rng = random.Random(f"longsum-{seed}-{split}")
+    out: list[dict[str, str]] = []
+    tries = 0
+    while len(out) < n:
+        tries += 1
+        if tries > 100 * n + 10_000:
+            raise ValueError(f"could not draw {n} {split} rows with {min_terms}..{max_terms} terms")
+        terms = [rng.randint(1, 9) for _ in range(rng.randint(min_terms, max_terms))]
+        where = bucket(terms)
+        if (where == "eval") if split == "train" else (where != split):
+            continue
+        meta = json.dumps({"terms": len(terms)})
+        out.append({"prompt": prompt_of(terms), "answer": target_of(terms), "metadata": meta})
+    return out
+
+
+def write_jsonl(
+    path: Path, num_train: int, num_eval: int, seed: int, min_terms: int, max_terms: int, split: str = "train"
+) -> Path:
+    """`split` rows, then the held-out rows last (data.source=jsonl holds out a file's last num_eval
+    rows); gzip-compressed with a fixed mtime when the name ends in .gz, so the same rows give the same
+    bytes."""
+    lines = [json.dumps(r) for r in rows(num_train, split, seed, min_terms, max_terms)]
+    lines += [json.dumps(r) for r in rows(num_eval, "eval", seed, min_terms, max_terms)]
+    data = ("\n".join(lines) + "\n").encode()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--num-train", type=int, default=8000)
+    parser.add_argument("--num-eval", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--min-terms", type=int, default=16)
+    parser.add_argument("--max-terms", type=int, default=18)
+    parser.add_argument("--split", choices=("train", "sft", "rl"), default="rl")
+    args = parser.parse_args(argv)
+    path = write_jsonl(
+        args.out, args.num_train, args.num_eval, args.seed, args.min_terms, args.max_terms, args.split
+    )
+    print(f"wrote {args.num_train} {args.split} + {args.num_eval} held-out rows to {path}")
+
+
+if __name__ == "__main__":
+    main()
