@@ -20,12 +20,10 @@ Three disjoint problem sets by a hash of the problem, as in cispo.driver.scratch
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
-import random
 from pathlib import Path
 
-from cispo.driver.scratchpad import bucket, partial_sums
+from cispo.driver import scratchpad
+from cispo.driver.scratchpad import partial_sums
 
 LABELS = "abcdefghijklmnopqrstuvwxyz"
 MAX_TERMS = len(LABELS)
@@ -57,38 +55,18 @@ def terms_of(prompt: str) -> list[int]:
 def rows(n: int, split: str, seed: int, min_terms: int, max_terms: int) -> list[dict[str, str]]:
     """n rows {prompt, answer, metadata}, the number of terms uniform in [min_terms, max_terms], each term
     in 1..9, drawn from one bucket: "eval", "sft" or "rl" ("train" is sft and rl together)."""
-    if split not in ("train", "eval", "sft", "rl"):
-        raise ValueError(f"split must be train, eval, sft or rl, got {split!r}")
-    if not 2 <= min_terms <= max_terms <= MAX_TERMS:
+    if max_terms > MAX_TERMS:
         raise ValueError(f"need 2 <= min_terms <= max_terms <= {MAX_TERMS}, got {min_terms}, {max_terms}")
-    rng = random.Random(f"longsum-{seed}-{split}")
-    out: list[dict[str, str]] = []
-    tries = 0
-    while len(out) < n:
-        tries += 1
-        if tries > 100 * n + 10_000:
-            raise ValueError(f"could not draw {n} {split} rows with {min_terms}..{max_terms} terms")
-        terms = [rng.randint(1, 9) for _ in range(rng.randint(min_terms, max_terms))]
-        where = bucket(terms)
-        if (where == "eval") if split == "train" else (where != split):
-            continue
-        meta = json.dumps({"terms": len(terms)})
-        out.append({"prompt": prompt_of(terms), "answer": target_of(terms), "metadata": meta})
-    return out
+    return scratchpad.rows(
+        n, split, seed, min_terms, max_terms, task="longsum", prompt=prompt_of, target=target_of
+    )
 
 
 def write_jsonl(
     path: Path, num_train: int, num_eval: int, seed: int, min_terms: int, max_terms: int, split: str = "train"
 ) -> Path:
-    """`split` rows, then the held-out rows last (data.source=jsonl holds out a file's last num_eval
-    rows); gzip-compressed with a fixed mtime when the name ends in .gz, so the same rows give the same
-    bytes."""
-    lines = [json.dumps(r) for r in rows(num_train, split, seed, min_terms, max_terms)]
-    lines += [json.dumps(r) for r in rows(num_eval, "eval", seed, min_terms, max_terms)]
-    data = ("\n".join(lines) + "\n").encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(data, mtime=0) if path.suffix == ".gz" else data)
-    return path
+    """`split` rows, then the held-out rows last, as cispo.driver.scratchpad writes them."""
+    return scratchpad.write_jsonl(path, num_train, num_eval, seed, min_terms, max_terms, split, draw=rows)
 
 
 def main(argv: list[str] | None = None) -> None:

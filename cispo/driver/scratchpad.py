@@ -20,6 +20,7 @@ import gzip
 import hashlib
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 MARKER = "="
@@ -63,15 +64,26 @@ def _in_split(terms: list[int], split: str) -> bool:
     return where != "eval" if split == "train" else where == split
 
 
-def rows(n: int, split: str, seed: int, min_terms: int, max_terms: int) -> list[dict[str, str]]:
+def rows(
+    n: int,
+    split: str,
+    seed: int,
+    min_terms: int,
+    max_terms: int,
+    *,
+    task: str = "scratchpad",
+    prompt: Callable[[list[int]], str] = prompt_of,
+    target: Callable[[list[int]], str] = target_of,
+) -> list[dict[str, str]]:
     """n rows {prompt, answer, metadata}; the number of terms is uniform in [min_terms, max_terms], each
     term in 1..9. `split` is "train" or "eval", or "sft" / "rl" (disjoint parts of train, see bucket);
-    train and eval rows come from disjoint problem sets (is_held_out)."""
+    train and eval rows come from disjoint problem sets (is_held_out). `task`, `prompt` and `target` let
+    another sum task (cispo.driver.longsum) draw its problems the same way, from its own random stream."""
     if split not in ("train", "eval", "sft", "rl"):
         raise ValueError(f"split must be train, eval, sft or rl, got {split!r}")
     if not 2 <= min_terms <= max_terms:
         raise ValueError(f"need 2 <= min_terms <= max_terms, got {min_terms}, {max_terms}")
-    rng = random.Random(f"scratchpad-{seed}-{split}")
+    rng = random.Random(f"{task}-{seed}-{split}")
     out: list[dict[str, str]] = []
     tries = 0
     while len(out) < n:
@@ -82,17 +94,27 @@ def rows(n: int, split: str, seed: int, min_terms: int, max_terms: int) -> list[
         if not _in_split(terms, split):
             continue
         meta = json.dumps({"terms": len(terms)})
-        out.append({"prompt": prompt_of(terms), "answer": target_of(terms), "metadata": meta})
+        out.append({"prompt": prompt(terms), "answer": target(terms), "metadata": meta})
     return out
 
 
+RowsFn = Callable[[int, str, int, int, int], list[dict[str, str]]]
+
+
 def write_jsonl(
-    path: Path, num_train: int, num_eval: int, seed: int, min_terms: int, max_terms: int, split: str = "train"
+    path: Path,
+    num_train: int,
+    num_eval: int,
+    seed: int,
+    min_terms: int,
+    max_terms: int,
+    split: str = "train",
+    draw: RowsFn = rows,
 ) -> Path:
     """`split` rows (train, sft or rl), then the held-out rows last (data.source=jsonl holds out a file's
-    last num_eval rows); gzip-compressed when the name ends in .gz."""
-    lines = [json.dumps(r) for r in rows(num_train, split, seed, min_terms, max_terms)]
-    lines += [json.dumps(r) for r in rows(num_eval, "eval", seed, min_terms, max_terms)]
+    last num_eval rows); gzip-compressed when the name ends in .gz. `draw`: the task's rows function."""
+    lines = [json.dumps(r) for r in draw(num_train, split, seed, min_terms, max_terms)]
+    lines += [json.dumps(r) for r in draw(num_eval, "eval", seed, min_terms, max_terms)]
     data = ("\n".join(lines) + "\n").encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     # mtime=0: the same rows give the same bytes.
