@@ -12,14 +12,13 @@ Three disjoint problem sets by a hash of the problem, as in cispo.driver.scratch
 "sft" (the warm start's), "rl" and "eval" (held out). The files of ``experiment=algorithms_long``::
 
     python -m cispo.driver.longsum --out configs/data/longsum_sft.jsonl.gz --split sft \\
-        --min-terms 2 --max-terms 18 --num-train 20000 --num-eval 0
+        --min-terms 2 --max-terms 18 --num-train 16000 --num-eval 0
     python -m cispo.driver.longsum --out configs/data/longsum_rl.jsonl.gz --split rl \\
-        --min-terms 16 --max-terms 18 --num-train 8000 --num-eval 256
+        --min-terms 16 --max-terms 18 --num-train 4000 --num-eval 256
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 from cispo.driver import scratchpad
@@ -70,19 +69,7 @@ def write_jsonl(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--num-train", type=int, default=8000)
-    parser.add_argument("--num-eval", type=int, default=256)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-terms", type=int, default=16)
-    parser.add_argument("--max-terms", type=int, default=18)
-    parser.add_argument("--split", choices=("train", "sft", "rl"), default="rl")
-    args = parser.parse_args(argv)
-    path = write_jsonl(
-        args.out, args.num_train, args.num_eval, args.seed, args.min_terms, args.max_terms, args.split
-    )
-    print(f"wrote {args.num_train} {args.split} + {args.num_eval} held-out rows to {path}")
+    scratchpad.main(argv, doc=__doc__, draw=rows, defaults=(8000, 16, 18, "rl"))
 
 
 if __name__ == "__main__":

@@ -122,21 +122,30 @@ def write_jsonl(
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(
+    argv: list[str] | None = None,
+    *,
+    doc: str = __doc__,
+    draw: RowsFn = rows,
+    defaults: tuple[int, int, int, str] = (12000, 2, 14, "train"),
+) -> None:
+    """The generator's command line; `doc`, `draw` and `defaults` (num_train, min_terms, max_terms,
+    split) serve another sum task (cispo.driver.longsum) the same way."""
+    num_train, min_terms, max_terms, split = defaults
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--num-train", type=int, default=12000)
+    parser.add_argument("--num-train", type=int, default=num_train)
     parser.add_argument("--num-eval", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--min-terms", type=int, default=2)
-    parser.add_argument("--max-terms", type=int, default=14)
+    parser.add_argument("--min-terms", type=int, default=min_terms)
+    parser.add_argument("--max-terms", type=int, default=max_terms)
     parser.add_argument(
-        "--split", choices=("train", "sft", "rl"), default="train",
+        "--split", choices=("train", "sft", "rl"), default=split,
         help="the problems of the non-held-out rows: all (train) or one of its disjoint parts (sft, rl)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     path = write_jsonl(
-        args.out, args.num_train, args.num_eval, args.seed, args.min_terms, args.max_terms, args.split
+        args.out, args.num_train, args.num_eval, args.seed, args.min_terms, args.max_terms, args.split, draw
     )
     print(f"wrote {args.num_train} {args.split} + {args.num_eval} held-out rows to {path}")
 
