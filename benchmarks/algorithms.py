@@ -38,6 +38,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,8 @@ def train(spec: RunSpec, args: argparse.Namespace) -> dict[str, Any]:
         f"learner.lr={spec.lr}",
         *(f"algorithm.loss_kwargs.{name}={value}" for name, value in spec.loss_kwargs),
         *spec.overrides,
+        # A collapsed policy (every group's reward equal for many steps) is a result to record, not an error.
+        "algorithm.zero_variance_action=warn",
         "resume=never",
         f"hydra.run.dir={run_dir}",
     ]
@@ -219,6 +222,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print the plan and its estimate only")
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many runs (a session)")
     parser.add_argument("--run-timeout-s", type=float, default=1800.0)
+    parser.add_argument("--jobs", type=int, default=1, help="runs in flight at once (default 1)")
     args = parser.parse_args(argv)
     args.out = args.out or str(REPO / "benchmarks" / "results" / f"algorithms_{args.task}.json")
     args.plot = args.plot or str(REPO / "docs" / f"algorithms_{args.task}.png")
@@ -227,8 +231,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _print_plan(plan: list[RunSpec], todo: list[RunSpec], finished: list[dict[str, Any]]) -> None:
-    estimate = stats.estimate_s(len(todo), finished)
+def _print_plan(
+    plan: list[RunSpec], todo: list[RunSpec], finished: list[dict[str, Any]], jobs: int = 1
+) -> None:
+    estimate = stats.estimate_s(-(-len(todo) // jobs), finished)  # ceil: runs in flight at once
     eta = "no finished run to estimate from" if estimate is None else f"about {estimate / 3600:.1f} h"
     print(f"plan: {len(plan)} runs, {len(plan) - len(todo)} already finished, {len(todo)} to run; {eta}",
           flush=True)  # fmt: skip
@@ -265,20 +271,24 @@ def main(argv: list[str] | None = None) -> None:
     plan = phase_plan(args, result["runs"])
     finished = [r for r in result["runs"] if "error" not in r]
     todo = stats.pending(plan, [r["key"] for r in finished]) if args.resume else plan
-    _print_plan(plan, todo, finished)
+    _print_plan(plan, todo, finished, args.jobs)
     todo = todo[: args.max_runs] if args.max_runs is not None else todo
     if args.dry_run:
         return
     # --resume only reuses finished runs: the command that makes the same result is the one without it.
     command = " ".join(["python benchmarks/algorithms.py", *(a for a in given if a != "--resume")])
     result["commands"] = sorted({*result.get("commands", []), command})
-    for i, spec in enumerate(todo, 1):
-        run = train(spec, args)
-        result["runs"] = [r for r in result["runs"] if r.get("key") != spec.key] + [run]
-        status = run.get("error") or f"final accuracy {run['eval']['accuracy'][-1]:.3f}"
-        print(f"[{i}/{len(todo)}] {spec.key}: {status} ({run['process_wall_s']:.0f} s)", flush=True)
-        result = _refresh(result, args)
-        _write(out, result)  # after every run: a crash or Ctrl-C loses at most the run in progress
+    # Runs in flight at once: a run keeps about one core busy (rollout and learner take turns), so two fit
+    # two cores. The study's measures are per step; only the wall-time curves feel a neighbour (recorded).
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        running = [pool.submit(train, spec, args) for spec in todo]
+        for i, future in enumerate(as_completed(running), 1):
+            run = {**future.result(), "concurrent_runs": args.jobs}
+            result["runs"] = [r for r in result["runs"] if r.get("key") != run["key"]] + [run]
+            status = run.get("error") or f"final accuracy {run['eval']['accuracy'][-1]:.3f}"
+            print(f"[{i}/{len(todo)}] {run['key']}: {status} ({run['process_wall_s']:.0f} s)", flush=True)
+            result = _refresh(result, args)
+            _write(out, result)  # after every run: a crash or Ctrl-C loses at most the runs in progress
     result = _refresh(result, args)
     _write(out, result)
     markdown = report_markdown(result)
