@@ -71,6 +71,33 @@ def choice_table(choices: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def comparison_table(comparisons: list[dict[str, Any]], phase: str) -> list[str]:
+    """First minus second, mean difference ± its 95% Welch half-width over seeds; the verdict reads the
+    steps to target (censored): faster or slower only when the interval excludes 0."""
+    lines = ["| K | first | second | steps to target (censored) | mean accuracy | final accuracy | verdict |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for c in comparisons:
+        if not c["first"].startswith(phase + "/"):
+            continue
+        first = c["first"].split("/", 2)[2].replace("/", " + ", 1)
+        lines.append(
+            f"| {c['K']} | {first} | {c['second'].split('/')[2]} | "
+            f"{_signed(c['steps_to_target_censored'], 1)} | {_signed(c['mean_accuracy'])} | "
+            f"{_signed(c['final_accuracy'])} | {c['verdict']} |"
+        )
+    return lines
+
+
+def _signed(ms: tuple[float, float] | list[float], p: int = 3) -> str:
+    mean, half = ms
+    if mean != mean:
+        return "-"
+    return f"{mean:+.{p}f}" + ("" if half != half else f" ± {half:.{p}f}")
+
+
+AGAINST = {"report": "CISPO minus each tuned baseline", "ablation": "Ablation minus the reported CISPO"}
+
+
 def report_markdown(result: dict[str, Any]) -> str:
     """The whole Markdown report of one task: reported cells, the ablation, the choices, the tuning grid."""
     cells = list(result["summary"].get("cells", {}).values())
@@ -82,6 +109,9 @@ def report_markdown(result: dict[str, Any]) -> str:
         chosen = [c for c in cells if c["phase"] == phase]
         if chosen:
             out += [f"### {title}", "", *cell_table(chosen), ""]
+        if chosen and phase in AGAINST and result["summary"].get("comparisons"):
+            out += [f"### {AGAINST[phase]} (95% Welch intervals over seeds)", "",
+                    *comparison_table(result["summary"]["comparisons"], phase), ""]  # fmt: skip
         if phase == "report" and result.get("choices"):
             out += ["### Chosen on the tuning seed", "", *choice_table(result["choices"]), ""]
     return "\n".join(out).rstrip("\n") + "\n"

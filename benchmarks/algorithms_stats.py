@@ -158,6 +158,63 @@ def mean_ci(values: Sequence[float]) -> tuple[float, float]:
     return mean, t_quantile_975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
 
 
+def difference_ci(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """(mean(a) - mean(b), half-width of its 95% Welch interval): t at the Welch-Satterthwaite df, rounded
+    down (the wider interval); NaN where a side has fewer than 2 values; 0 when neither side varies."""
+    a, b = [float(v) for v in a], [float(v) for v in b]
+    if len(a) < 2 or len(b) < 2:
+        return (statistics.fmean(a) - statistics.fmean(b) if a and b else float("nan")), float("nan")
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    if va + vb == 0:
+        return diff, 0.0
+    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    return diff, t_quantile_975(max(1, math.floor(df))) * math.sqrt(va + vb)
+
+
+def verdict(steps_diff: tuple[float, float]) -> str:
+    """From (CISPO - other) steps to target: "faster" / "slower" when the interval excludes 0, else
+    "equal" (no difference this many seeds can resolve)."""
+    diff, half = steps_diff
+    if diff != diff or half != half:
+        return "-"
+    return "faster" if diff + half < 0 else "slower" if diff - half > 0 else "equal"
+
+
+def _per_seed(runs: list[dict[str, Any]], target: float) -> dict[str, list[float]]:
+    """Per run: steps to target censored (a run that never reaches it counts as its total steps, a lower
+    bound), mean accuracy after step 0, final accuracy."""
+    reached = [first_reaching(r["eval"], target) for r in runs]
+    return {
+        "steps_to_target_censored": [
+            x[0] if x else float(r["steps"][-1]) for r, x in zip(runs, reached, strict=True)
+        ],
+        "mean_accuracy": [auc(r["eval"]) for r in runs],
+        "final_accuracy": [r["eval"]["accuracy"][-1] for r in runs],
+    }
+
+
+def comparisons(groups: dict[str, list[dict[str, Any]]], target: float) -> list[dict[str, Any]]:
+    """CISPO against each baseline at every reported K, and each ablation against the reported CISPO cell
+    it changes: the difference of means (first minus second) with its 95% Welch interval, per measure."""
+    pairs = []
+    for name in groups:
+        phase, k, algo = name.split("/")[:3]
+        if phase == "report" and algo == "cispo":
+            pairs += [(name, f"report/{k}/{other}") for other in ALGORITHMS if other != "cispo"]
+        elif phase == "ablation":
+            pairs.append((name, f"report/{k}/{algo}"))
+    out = []
+    for first, second in pairs:
+        if second not in groups:
+            continue
+        a, b = _per_seed(groups[first], target), _per_seed(groups[second], target)
+        diffs = {measure: difference_ci(a[measure], b[measure]) for measure in a}
+        out.append({"first": first, "second": second, "K": groups[first][0]["K"], **diffs,
+                    "verdict": verdict(diffs["steps_to_target_censored"])})  # fmt: skip
+    return out
+
+
 def first_reaching(evals: dict[str, list], target: float) -> tuple[float, float] | None:
     """(step, seconds) of the first evaluation at or above target; None if never."""
     for step, wall, acc in zip(evals["step"], evals["wall_s"], evals["accuracy"], strict=True):
@@ -223,19 +280,18 @@ def _series_mean(runs: list[dict[str, Any]], key: str) -> float:
 
 def _cell(runs: list[dict[str, Any]], target: float) -> dict[str, Any]:
     reached = [first_reaching(r["eval"], target) for r in runs]
-    # Censored: a seed that never reaches the target counts as its run's total steps (a lower bound).
-    censored = [x[0] if x else float(r["steps"][-1]) for r, x in zip(runs, reached, strict=True)]
+    per_seed = _per_seed(runs, target)
     first = runs[0]
     return {
         "task": first.get("task"), "phase": first.get("phase"), "K": first["K"],
         "algorithm": first["algorithm"], "lr": first["lr"], "loss_kwargs": first.get("loss_kwargs", {}),
         "interval": first.get("interval"), "overrides": first.get("overrides", []),
         "seeds": len(runs),
-        "final_accuracy": mean_ci([r["eval"]["accuracy"][-1] for r in runs]),
-        "mean_accuracy": mean_ci([auc(r["eval"]) for r in runs]),
+        "final_accuracy": mean_ci(per_seed["final_accuracy"]),
+        "mean_accuracy": mean_ci(per_seed["mean_accuracy"]),
         "reached": sum(1 for x in reached if x),
         "steps_to_target": mean_ci([x[0] for x in reached if x]),
-        "steps_to_target_censored": mean_ci(censored),
+        "steps_to_target_censored": mean_ci(per_seed["steps_to_target_censored"]),
         "seconds_to_target": mean_ci([x[1] for x in reached if x]),
         "clip_frac": _series_mean(runs, "loss/clip_frac"),
         "cap_frac_high": _series_mean(runs, "ratio/cap_frac_high"),
@@ -269,7 +325,7 @@ def summarise(runs: Iterable[dict[str, Any]], target: float) -> dict[str, Any]:
             cell["steps_to_target_censored"][0] / dapo["steps_to_target_censored"][0]
         )
     order = sorted(cells.items(), key=lambda kv: (kv[1]["phase"] or "", kv[1]["K"], kv[0]))
-    return {"target_accuracy": target, "cells": dict(order)}
+    return {"target_accuracy": target, "cells": dict(order), "comparisons": comparisons(groups, target)}
 
 
 def mean_curve(runs: Sequence[dict[str, Any]], key: str) -> list[float]:

@@ -1,64 +1,91 @@
-"""A long-trace task: sums of many labelled one-digit terms, every addition written out.
+"""A long-trace task: a Fibonacci walk modulo 100, every step written out.
 
-The prompt labels each term with a letter, ``a3b5c8d2e9=``; the target adds the terms one at a time,
-each step naming the term's label, the running sum so far, the term and the new sum:
-``b:3+5=8,c:8+8=16,d:16+2=18,e:18+9=27``. The answer is what follows the last ``=`` (the last step's
-sum), so ``rewards.scratchpad:scratchpad_reward`` scores it unchanged. The labels make each step local
-for a small model: find the next letter's digit in the prompt (a content lookup, not counting positions),
-copy the previous sum from the step before, add. About ten tokens a step with the character tokenizer, so
-16-18 terms give responses of about 150-180 tokens; no tiny model adds 17 digits without the trace.
+The prompt gives two two-digit numbers and the label of the last step, ``13+21:e=``; each step adds the
+last two numbers modulo 100 and names its label (``b``, ``c``, ... in order):
+``b:13+21=34,c:21+34=55,d:34+55=89,e:55+89=44``. The answer is what follows the last ``=`` (the last
+step's number), so ``rewards.scratchpad:scratchpad_reward`` scores it unchanged. Numbers are always two
+digits (``07``), so every step is 11 characters and 14-16 steps give responses of 154-176 tokens with the
+character tokenizer. Every step is local for a small model: copy the second operand and the result of the
+step before, add the two-digit numbers dropping the hundred, write the next letter, stop at the prompt's
+letter. No tiny model jumps 15 steps of the walk without the trace (the walk's period is 300).
 
-Three disjoint problem sets by a hash of the problem, as in cispo.driver.scratchpad (its ``bucket``):
-"sft" (the warm start's), "rl" and "eval" (held out). The files of ``experiment=algorithms_long``::
+Three disjoint problem sets by a hash of the two starting numbers (cispo.driver.scratchpad's ``bucket``):
+"sft" (the warm start's), "rl" and "eval" (held out), so no warm-start trace begins where a held-out one
+does. ``--min-terms`` / ``--max-terms`` count the steps (the new terms of the walk). The files of
+``experiment=algorithms_long``::
 
     python -m cispo.driver.longsum --out configs/data/longsum_sft.jsonl.gz --split sft \\
-        --min-terms 2 --max-terms 18 --num-train 16000 --num-eval 0
+        --min-terms 2 --max-terms 16 --num-train 16000 --num-eval 0
     python -m cispo.driver.longsum --out configs/data/longsum_rl.jsonl.gz --split rl \\
-        --min-terms 16 --max-terms 18 --num-train 4000 --num-eval 256
+        --min-terms 14 --max-terms 16 --num-train 4000 --num-eval 256
 """
 
 from __future__ import annotations
 
+import json
+import random
 from pathlib import Path
 
 from cispo.driver import scratchpad
-from cispo.driver.scratchpad import partial_sums
+from cispo.driver.scratchpad import bucket
 
 LABELS = "abcdefghijklmnopqrstuvwxyz"
-MAX_TERMS = len(LABELS)
+MAX_STEPS = len(LABELS) - 1  # the first step is "b": "a" is the prompt's pair
+MODULUS = 100
 
 
-def prompt_of(terms: list[int]) -> str:
-    """``[3, 5, 8]`` -> ``a3b5c8=``."""
-    if len(terms) > MAX_TERMS:
-        raise ValueError(f"at most {MAX_TERMS} terms (one letter each), got {len(terms)}")
-    return "".join(f"{label}{term}" for label, term in zip(LABELS, terms)) + "="
+def walk(first: int, second: int, steps: int) -> list[int]:
+    """The numbers after the starting pair: ``walk(13, 21, 4) == [34, 55, 89, 44]``."""
+    if not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"a walk takes 1..{MAX_STEPS} steps (one letter each), got {steps}")
+    if not (0 <= first < MODULUS and 0 <= second < MODULUS):
+        raise ValueError(f"the starting numbers must be in 0..{MODULUS - 1}, got {first}, {second}")
+    numbers = [first, second]
+    for _ in range(steps):
+        numbers.append((numbers[-2] + numbers[-1]) % MODULUS)
+    return numbers[2:]
 
 
-def target_of(terms: list[int]) -> str:
-    """One step per term after the first: ``label:sum_before+term=sum_after``, comma-separated; the last
-    step's sum is the answer."""
-    if not 2 <= len(terms) <= MAX_TERMS:
-        raise ValueError(f"a long sum needs 2..{MAX_TERMS} terms, got {len(terms)}")
-    sums = partial_sums(terms)
-    steps = [f"{LABELS[i]}:{sums[i - 1]}+{terms[i]}={sums[i]}" for i in range(1, len(terms))]
-    return ",".join(steps)
+def prompt_of(first: int, second: int, steps: int) -> str:
+    """``(13, 21, 4)`` -> ``13+21:e=`` (the last step's label)."""
+    walk(first, second, steps)  # the same checks
+    return f"{first:02d}+{second:02d}:{LABELS[steps]}="
 
 
-def terms_of(prompt: str) -> list[int]:
-    """The inverse of prompt_of: ``a3b5c8=`` -> ``[3, 5, 8]``."""
-    body = prompt.removesuffix("=")
-    return [int(body[i + 1]) for i in range(0, len(body), 2)]
+def target_of(first: int, second: int, steps: int) -> str:
+    """One step per new number, ``label:before+last=next``, comma-separated; the last number is the answer."""
+    numbers = [first, second, *walk(first, second, steps)]
+    return ",".join(
+        f"{LABELS[i]}:{numbers[i - 1]:02d}+{numbers[i]:02d}={numbers[i + 1]:02d}" for i in range(1, steps + 1)
+    )
+
+
+def problem_of(prompt: str) -> tuple[int, int, int]:
+    """The inverse of prompt_of: ``13+21:e=`` -> ``(13, 21, 4)``."""
+    pair, _, label = prompt.removesuffix("=").partition(":")
+    first, _, second = pair.partition("+")
+    return int(first), int(second), LABELS.index(label)
 
 
 def rows(n: int, split: str, seed: int, min_terms: int, max_terms: int) -> list[dict[str, str]]:
-    """n rows {prompt, answer, metadata}, the number of terms uniform in [min_terms, max_terms], each term
-    in 1..9, drawn from one bucket: "eval", "sft" or "rl" ("train" is sft and rl together)."""
-    if max_terms > MAX_TERMS:
-        raise ValueError(f"need 2 <= min_terms <= max_terms <= {MAX_TERMS}, got {min_terms}, {max_terms}")
-    return scratchpad.rows(
-        n, split, seed, min_terms, max_terms, task="longsum", prompt=prompt_of, target=target_of
-    )
+    """n rows {prompt, answer, metadata}, the steps uniform in [min_terms, max_terms], the starting pair
+    uniform in 00..99 and drawn from one bucket of the pair: "eval", "sft" or "rl" ("train": sft and rl)."""
+    if split not in ("train", "eval", "sft", "rl"):
+        raise ValueError(f"split must be train, eval, sft or rl, got {split!r}")
+    if not 1 <= min_terms <= max_terms <= MAX_STEPS:
+        raise ValueError(f"need 1 <= min_terms <= max_terms <= {MAX_STEPS}, got {min_terms}, {max_terms}")
+    rng = random.Random(f"longsum-{seed}-{split}")
+    out: list[dict[str, str]] = []
+    while len(out) < n:
+        first, second = rng.randrange(MODULUS), rng.randrange(MODULUS)
+        steps = rng.randint(min_terms, max_terms)
+        where = bucket([first, second])
+        if (where == "eval") if split == "train" else (where != split):
+            continue
+        meta = json.dumps({"steps": steps})
+        out.append({"prompt": prompt_of(first, second, steps), "answer": target_of(first, second, steps),
+                    "metadata": meta})  # fmt: skip
+    return out
 
 
 def write_jsonl(
@@ -69,7 +96,7 @@ def write_jsonl(
 
 
 def main(argv: list[str] | None = None) -> None:
-    scratchpad.main(argv, doc=__doc__, draw=rows, defaults=(8000, 16, 18, "rl"))
+    scratchpad.main(argv, doc=__doc__, draw=rows, defaults=(4000, 14, 16, "rl"))
 
 
 if __name__ == "__main__":

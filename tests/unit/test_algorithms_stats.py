@@ -58,6 +58,39 @@ def test_censored_steps_to_target_by_hand():
     assert cells["report/K4/cispo"]["censored_ratio_vs_dapo"] == pytest.approx(30 / 30)
 
 
+def test_differences_and_verdicts_by_hand():
+    # a = [1, 2, 3], b = [4, 5, 6, 7]: diff -3.5; s_a^2/n_a = 1/3, s_b^2/n_b = (5/3)/4 = 5/12, sum 3/4;
+    # Welch df = (3/4)^2 / ((1/3)^2/2 + (5/12)^2/3) = 4.96 -> 4 (t 2.776); half 2.776 * sqrt(3/4) = 2.404.
+    diff, half = stats.difference_ci([1, 2, 3], [4, 5, 6, 7])
+    assert diff == -3.5 and half == pytest.approx(2.404, abs=1e-3)
+    assert stats.verdict((diff, half)) == "faster"  # fewer steps, the interval excludes 0
+    assert stats.verdict((3.5, 2.404)) == "slower" and stats.verdict((-2.0, 2.404)) == "equal"
+    assert stats.difference_ci([60, 60], [60, 60]) == (0.0, 0.0) and stats.verdict((0.0, 0.0)) == "equal"
+    assert math.isnan(stats.difference_ci([1.0], [2.0, 3.0])[1]) and stats.verdict((1.0, math.nan)) == "-"
+
+
+def test_comparisons_pair_cispo_with_each_baseline_and_the_ablation_with_cispo():
+    cispo = [
+        _run(seed=s, accs=a, phase="report", total=60)
+        for s, a in enumerate([(0.2, 0.5, 0.6, 0.6), (0.2, 0.3, 0.5, 0.6), (0.2, 0.3, 0.3, 0.4)])
+    ]  # 10, 20, 60
+    dapo = [_run("dapo", seed=s, accs=(0.2, 0.3, 0.3, 0.5), phase="report", total=60) for s in range(3)]
+    ablation = [{**_run(seed=s, accs=(0.2, 0.5, 0.5, 0.5), phase="ablation", total=60),
+                 "overrides": ["learner.lr=1e-5"]} for s in range(3)]  # fmt: skip
+    got = {(c["first"], c["second"]): c for c in stats.summarise(cispo + dapo + ablation, 0.5)["comparisons"]}
+    assert set(got) == {
+        ("report/K4/cispo", "report/K4/dapo"),
+        ("ablation/K4/cispo/learner.lr=1e-5", "report/K4/cispo"),
+    }  # no GRPO cell: skipped
+    vs_dapo = got["report/K4/cispo", "report/K4/dapo"]
+    # Censored [10, 20, 60] against [30, 30, 30]: diff 0; df 2 (one side constant); half 4.303 * sqrt(700/3).
+    assert vs_dapo["steps_to_target_censored"] == (0.0, pytest.approx(65.73, abs=0.01))
+    assert vs_dapo["verdict"] == "equal" and vs_dapo["K"] == 4
+    assert vs_dapo["final_accuracy"][0] == pytest.approx((0.6 + 0.6 + 0.4) / 3 - 0.5)
+    # The ablation reaches 0.5 at step 10 on every seed: 10 - 30 = -20, spread from the CISPO side only.
+    assert got["ablation/K4/cispo/learner.lr=1e-5", "report/K4/cispo"]["steps_to_target_censored"][0] == -20.0
+
+
 def test_the_choice_is_made_on_the_tuning_seed_only():
     a, b = {"eps_low": 1.0, "eps_high": 4.0}, {"eps_low": 1.0, "eps_high": 1.0}
     runs = [
