@@ -2,9 +2,10 @@
 algorithm tuned the same way on a seed that is never reported.
 
     python benchmarks/algorithms.py --task scratchpad --phase tune --resume      # lr x clip at K = 4, 16
-    python benchmarks/algorithms.py --task scratchpad --phase report --resume    # K x algorithm x 5 seeds
+    python benchmarks/algorithms.py --task scratchpad --phase report --resume --jobs 2   # K x algo x 5 seeds
     python benchmarks/algorithms.py --task scratchpad --phase ablation --resume \\
-        --override algorithm.loss_kwargs.eps_high=1.0                            # CISPO K = 16, one change
+        --override algorithm.loss_kwargs.token_mask=true --override algorithm.loss_kwargs.eps_high=0.28 \\
+        --override algorithm.loss_kwargs.eps_low=0.2          # CISPO K = 16 with a trust region, one change
     python benchmarks/algorithms.py --task long --phase tune --resume            # the same on long traces
     python benchmarks/algorithms.py --task scratchpad --phase report --dry-run   # the plan and its time only
 

@@ -73,7 +73,8 @@ def choice_table(choices: dict[str, dict[str, Any]]) -> list[str]:
 
 def comparison_table(comparisons: list[dict[str, Any]], phase: str) -> list[str]:
     """First minus second, mean difference ± its 95% Welch half-width over seeds; the verdict reads the
-    steps to target (censored): faster or slower only when the interval excludes 0."""
+    steps to target (censored) and the mean accuracy: faster or slower only where an interval excludes 0
+    (algorithms_stats.verdict)."""
     lines = ["| K | first | second | steps to target (censored) | mean accuracy | final accuracy | verdict |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for c in comparisons:
@@ -124,11 +125,26 @@ AXES = (
 )
 
 
-def _band(ax: Any, xs: list[float], ys: list[list[float]], label: str) -> None:
+COLOURS = {"cispo": "tab:blue", "grpo": "tab:orange", "dapo": "tab:green"}  # the same in every panel
+
+
+def _style(algo: str, overrides: tuple[str, ...]) -> dict[str, Any]:
+    """An algorithm's colour in every column; an ablation dashed, in its algorithm's colour."""
+    return {"color": COLOURS.get(algo, "tab:gray"), "linestyle": "--" if overrides else "-"}
+
+
+def _short(overrides: tuple[str, ...]) -> str:
+    """``algorithm.loss_kwargs.token_mask=true`` -> ``token_mask=true``: legends stay narrow."""
+    short = [f"{name.rsplit('.', 1)[-1]}={value}" for name, _, value in (o.partition("=") for o in overrides)]
+    return f" + {' '.join(short)}" if overrides else ""
+
+
+def _band(ax: Any, xs: list[float], ys: list[list[float]], label: str, style: dict[str, Any]) -> None:
     mean = [statistics.fmean(y) for y in ys]
     std = [statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys]
-    ax.plot(xs, mean, marker="o", markersize=3, label=label)
-    ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+    ax.plot(xs, mean, marker="o", markersize=3, label=label, **style)
+    ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2,
+                    color=style["color"])  # fmt: skip
 
 
 def plot(runs: list[dict[str, Any]], title: str, out: Path) -> None:
@@ -154,12 +170,15 @@ def plot(runs: list[dict[str, Any]], title: str, out: Path) -> None:
                 continue
             n = min(len(r["eval"]["accuracy"]) for r in cell)
             accs = [[r["eval"]["accuracy"][i] for r in cell] for i in range(n)]
-            label = f"{algo}{_overrides({'overrides': overrides})} lr {cell[0]['lr']:g} ({len(cell)} seeds)"
+            label, style = (
+                f"{algo}{_short(overrides)} lr {cell[0]['lr']:g} ({len(cell)} seeds)",
+                _style(algo, overrides),
+            )
             for row, axis in enumerate(("step", "wall_s")):
                 xs = [statistics.fmean(r["eval"][axis][i] for r in cell) for i in range(n)]
-                _band(axes[row][col], xs, accs, label)
+                _band(axes[row][col], xs, accs, label, style)
             entropy = mean_curve(cell, "entropy")
-            axes[2][col].plot(cell[0]["steps"][: len(entropy)], entropy, label=label)
+            axes[2][col].plot(cell[0]["steps"][: len(entropy)], entropy, label=label, **style)
         for row, (xlabel, ylabel) in enumerate(AXES):
             ax = axes[row][col]
             ax.set_title(f"K = {k} updates per batch")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import algorithms as bench
+from benchmarks import algorithms_stats as stats
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -68,3 +69,50 @@ def test_the_committed_result_is_complete():
                 assert run["eval"]["step"][-1] == raw["steps"] == run["steps"][-1]
                 assert set(bench.STEP_KEYS) <= set(run["series"])
                 assert {f"loss/{k}" for k in bench.LOSS_KEYS} <= set(run["series"])
+
+
+def test_runs_in_flight_at_once_are_all_recorded(tmp_path, monkeypatch):
+    """--jobs 2: every planned run lands in the JSON once, each marked with how many ran beside it, and
+    --resume then finds nothing left to do. train() is replaced by one that returns a finished curve."""
+    done: list[str] = []
+
+    def fake_train(spec, args):
+        done.append(spec.key)
+        run_dir = tmp_path / bench.run_dir_name(spec.key)
+        run_dir.mkdir()
+        curve = bench.curves(_metrics(run_dir, {2: 0.4, 4: 0.6}), spec.algorithm)
+        return {**spec.record(), "interval": None, "process_wall_s": 1.0, "cli_overrides": [], **curve}
+
+    monkeypatch.setattr(bench, "train", fake_train)
+    out = ["--out", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png"), "--runs", str(tmp_path)]
+    common = ["--task", "scratchpad", "--phase", "tune", "--algorithms", "grpo", "--ks", "4", *out]
+    bench.main([*common, "--jobs", "2"])
+    runs = json.loads((tmp_path / "r.json").read_text())["runs"]
+    assert len(done) == 4 and sorted(r["key"] for r in runs) == sorted(done)  # lr 3e-5, 1e-4 x eps 0.1, 0.2
+    assert {r["concurrent_runs"] for r in runs} == {2}
+    bench.main([*common, "--resume"])
+    assert len(done) == 4
+
+
+def test_the_committed_scratchpad_study_is_complete():
+    """benchmarks/results/algorithms_scratchpad.json: the whole tuning grid on the tuning seed, and every
+    reported cell (K = 1, 4, 16 x each algorithm) on the 5 report seeds with the values chosen there; the
+    chosen values were picked on the tuning seed only (recomputed here from the runs)."""
+    path = REPO / "benchmarks" / "results" / "algorithms_scratchpad.json"
+    result = json.loads(path.read_text())
+    runs = [r for r in result["runs"] if "error" not in r]
+    assert not [r["key"] for r in result["runs"] if "error" in r]
+    tune = {r["key"] for r in runs if r["phase"] == "tune"}
+    assert tune == {spec.key for spec in stats.tune_plan("scratchpad", bench.ALGORITHMS)}
+    choices = stats.choose(runs, result["target"])
+    assert {name: (c["lr"], c["loss_kwargs"]) for name, c in choices.items()} == {
+        name: (c["lr"], c["loss_kwargs"]) for name, c in result["choices"].items()
+    }
+    for algo in bench.ALGORITHMS:
+        for k in (1, 4, 16):
+            cell = [r for r in runs if r["phase"] == "report" and r["algorithm"] == algo and r["K"] == k]
+            assert sorted(r["seed"] for r in cell) == list(stats.REPORT_SEEDS), (algo, k)
+            chosen = choices[f"K{k}/{algo}"]
+            assert all(r["lr"] == chosen["lr"] and r["loss_kwargs"] == chosen["loss_kwargs"] for r in cell)
+            assert all(r["eval"]["step"][-1] == r["steps"][-1] == 60 for r in cell)
+            assert result["summary"]["cells"][f"report/K{k}/{algo}"]["seeds"] == 5

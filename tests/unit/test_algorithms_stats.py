@@ -67,6 +67,10 @@ def test_differences_and_verdicts_by_hand():
     assert stats.verdict((3.5, 2.404)) == "slower" and stats.verdict((-2.0, 2.404)) == "equal"
     assert stats.difference_ci([60, 60], [60, 60]) == (0.0, 0.0) and stats.verdict((0.0, 0.0)) == "equal"
     assert math.isnan(stats.difference_ci([1.0], [2.0, 3.0])[1]) and stats.verdict((1.0, math.nan)) == "-"
+    # Steps unresolved (censored at the run's end), the area under the curve lower: slower.
+    assert stats.verdict((18.0, 26.9), (-0.095, 0.043)) == "slower"
+    assert stats.verdict((-2.0, 2.404), (0.05, 0.01)) == "faster"
+    assert stats.verdict((-3.5, 2.404), (-0.05, 0.01)) == "mixed"
 
 
 def test_comparisons_pair_cispo_with_each_baseline_and_the_ablation_with_cispo():
