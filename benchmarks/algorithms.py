@@ -281,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     result["commands"] = sorted({*result.get("commands", []), command})
     # Runs in flight at once: a run keeps about one core busy (rollout and learner take turns), so two fit
     # two cores. The study's measures are per step; only the wall-time curves feel a neighbour (recorded).
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+    pool = ThreadPoolExecutor(max_workers=args.jobs)
+    try:
         running = [pool.submit(train, spec, args) for spec in todo]
         for i, future in enumerate(as_completed(running), 1):
             run = {**future.result(), "concurrent_runs": args.jobs}
@@ -290,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"[{i}/{len(todo)}] {run['key']}: {status} ({run['process_wall_s']:.0f} s)", flush=True)
             result = _refresh(result, args)
             _write(out, result)  # after every run: a crash or Ctrl-C loses at most the runs in progress
+    finally:
+        pool.shutdown(cancel_futures=True)  # on Ctrl-C: start no queued run (the ones in flight get SIGINT)
     result = _refresh(result, args)
     _write(out, result)
     markdown = report_markdown(result)
