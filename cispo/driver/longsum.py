@@ -9,7 +9,7 @@ character tokenizer. Every step is local for a small model: copy the second oper
 step before, add the two-digit numbers dropping the hundred, write the next letter, stop at the prompt's
 letter. No tiny model jumps 15 steps of the walk without the trace (the walk's period is 300).
 
-Three disjoint problem sets by a hash of the two starting numbers (cispo.driver.scratchpad's ``bucket``):
+Three disjoint problem sets by a hash of the two starting numbers (cispo.driver.scratchpad's ``in_split``):
 "sft" (the warm start's), "rl" and "eval" (held out), so no warm-start trace begins where a held-out one
 does. ``--min-terms`` / ``--max-terms`` count the steps (the new terms of the walk). The files of
 ``experiment=algorithms_long``::
@@ -27,7 +27,7 @@ import random
 from pathlib import Path
 
 from cispo.driver import scratchpad
-from cispo.driver.scratchpad import bucket
+from cispo.driver.scratchpad import in_split
 
 LABELS = "abcdefghijklmnopqrstuvwxyz"
 MAX_STEPS = len(LABELS) - 1  # the first step is "b": "a" is the prompt's pair
@@ -79,8 +79,7 @@ def rows(n: int, split: str, seed: int, min_terms: int, max_terms: int) -> list[
     while len(out) < n:
         first, second = rng.randrange(MODULUS), rng.randrange(MODULUS)
         steps = rng.randint(min_terms, max_terms)
-        where = bucket([first, second])
-        if (where == "eval") if split == "train" else (where != split):
+        if not in_split([first, second], split):
             continue
         meta = json.dumps({"steps": steps})
         out.append({"prompt": prompt_of(first, second, steps), "answer": target_of(first, second, steps),

@@ -59,31 +59,21 @@ def bucket(terms: list[int]) -> str:
     return "eval" if byte < 26 else "sft" if byte < 128 else "rl"
 
 
-def _in_split(terms: list[int], split: str) -> bool:
+def in_split(terms: list[int], split: str) -> bool:
+    """Whether a problem (keyed by `terms`, see bucket) belongs to `split`; "train" is sft and rl."""
     where = bucket(terms)
     return where != "eval" if split == "train" else where == split
 
 
-def rows(
-    n: int,
-    split: str,
-    seed: int,
-    min_terms: int,
-    max_terms: int,
-    *,
-    task: str = "scratchpad",
-    prompt: Callable[[list[int]], str] = prompt_of,
-    target: Callable[[list[int]], str] = target_of,
-) -> list[dict[str, str]]:
+def rows(n: int, split: str, seed: int, min_terms: int, max_terms: int) -> list[dict[str, str]]:
     """n rows {prompt, answer, metadata}; the number of terms is uniform in [min_terms, max_terms], each
     term in 1..9. `split` is "train" or "eval", or "sft" / "rl" (disjoint parts of train, see bucket);
-    train and eval rows come from disjoint problem sets (is_held_out). `task`, `prompt` and `target` let
-    another sum task (cispo.driver.longsum) draw its problems the same way, from its own random stream."""
+    train and eval rows come from disjoint problem sets (is_held_out)."""
     if split not in ("train", "eval", "sft", "rl"):
         raise ValueError(f"split must be train, eval, sft or rl, got {split!r}")
     if not 2 <= min_terms <= max_terms:
         raise ValueError(f"need 2 <= min_terms <= max_terms, got {min_terms}, {max_terms}")
-    rng = random.Random(f"{task}-{seed}-{split}")
+    rng = random.Random(f"scratchpad-{seed}-{split}")
     out: list[dict[str, str]] = []
     tries = 0
     while len(out) < n:
@@ -91,10 +81,10 @@ def rows(
         if tries > 100 * n + 10_000:
             raise ValueError(f"could not draw {n} {split} rows with {min_terms}..{max_terms} terms")
         terms = [rng.randint(1, 9) for _ in range(rng.randint(min_terms, max_terms))]
-        if not _in_split(terms, split):
+        if not in_split(terms, split):
             continue
         meta = json.dumps({"terms": len(terms)})
-        out.append({"prompt": prompt(terms), "answer": target(terms), "metadata": meta})
+        out.append({"prompt": prompt_of(terms), "answer": target_of(terms), "metadata": meta})
     return out
 
 
