@@ -66,10 +66,12 @@ DIAG_KEYS = (*RATIO_KEYS, *RATIO_CAP_KEYS, "actor/grad_norm")
 LOSS_KEYS = ("clip_frac", "clip_frac_low", "clip_frac_high", "is_weight_mean", "is_weight_max",
              "grad_zeroed_frac", "ratio_mean", "approx_kl")  # fmt: skip
 SCHEMA_VERSION = 2  # 1: the first study (algorithms.json), one lr for all, no phases
+# Targets fixed before any RL run of the task, from its start: scratchpad 0.203 with 60 steps to reach 0.5,
+# long 0.199 with 40 steps to reach 0.3.
 TASKS: dict[str, dict[str, Any]] = {
     "scratchpad": {"experiment": "algorithms_bench", "report_ks": (1, 4, 16), "target": 0.5,
                    "what": "scratchpad sums of 6-8 terms"},
-    "long": {"experiment": "algorithms_long", "report_ks": (4, 16), "target": 0.5,
+    "long": {"experiment": "algorithms_long", "report_ks": (4, 16), "target": 0.3,
              "what": "long traces (150+ tokens)"},
 }  # fmt: skip
 PHASES = ("tune", "report", "ablation")

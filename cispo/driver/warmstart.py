@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import pickle
 import random
@@ -18,6 +19,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +54,8 @@ def cache_key(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, content: 
     """The settings that determine a warm start, and `content` (content_digest: the data and weights)."""
     warm = asdict(model_cfg.warmstart)
     warm.pop("cache_dir")
+    if warm["lr_schedule"] == "constant":
+        warm.pop("lr_schedule")  # keys made before the field existed stay valid (every cached start)
     payload = {
         # The resolved tokenizer, so an empty model.tokenizer (the model's own) keys like its value.
         "model": {
@@ -80,6 +84,13 @@ def cache_key(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, content: 
         "format": 3,  # bump when data generation or this stage's code changes what a key produces
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def lr_factor(schedule: str, max_steps: int, step: int) -> float:
+    """The multiple of model.warmstart.lr used for the update after `step` updates."""
+    if schedule == "constant" or max_steps <= 0:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, max_steps) / max_steps))
 
 
 def _sft_batch(rows: list[dict[str, str]], tokenizer: Any, data_cfg: DataConfig) -> dict[str, torch.Tensor]:
@@ -123,6 +134,9 @@ def supervised_warmstart(
     if cached is not None:
         return cached
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, cfg.lr_schedule, cfg.max_steps)
+    )
     rng = random.Random(seed)
     start, accuracy, step = time.monotonic(), evaluate(model), 0
     while (
@@ -135,6 +149,7 @@ def supervised_warmstart(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
         step += 1
         if step % cfg.eval_every == 0:
             accuracy = evaluate(model)

@@ -10,7 +10,7 @@ import torch
 
 from cispo.core.config import DataConfig, ModelConfig, WarmstartConfig
 from cispo.driver.policy import load_tokenizer
-from cispo.driver.warmstart import cache_key, supervised_warmstart, warm_start_rows
+from cispo.driver.warmstart import cache_key, lr_factor, supervised_warmstart, warm_start_rows
 
 
 class _TinyLM(torch.nn.Module):
@@ -70,6 +70,21 @@ def test_the_cache_key_follows_the_data_path_and_the_seed():
     other = ModelConfig(warmstart=WarmstartConfig(data_path="sft.jsonl"))
     assert cache_key(model, data, 0) != cache_key(other, data, 0)
     assert cache_key(model, data, 0) != cache_key(model, data, 1)
+
+
+def test_the_cosine_schedule_by_hand_and_constant_keys_unchanged():
+    assert [lr_factor("constant", 100, s) for s in (0, 50, 100, 200)] == [1.0, 1.0, 1.0, 1.0]
+    # (1 + cos(pi * s / 100)) / 2 at s = 0, 25, 50, 75, 100, and held at 0 past max_steps
+    expected = [1.0, 0.8535533905932737, 0.5, 0.14644660940672627, 0.0, 0.0]
+    got = [lr_factor("cosine", 100, s) for s in (0, 25, 50, 75, 100, 150)]
+    assert got == pytest.approx(expected, abs=1e-12)
+    # The key of the default settings as it was before lr_schedule existed: adding the field (at its
+    # "constant" default) must not recompute every cached start. Change this value only on purpose.
+    assert cache_key(ModelConfig(), DataConfig(), 0) == "53bec987c59e0f52"
+    cosine = ModelConfig(warmstart=WarmstartConfig(lr_schedule="cosine"))
+    assert cache_key(cosine, DataConfig(), 0) != cache_key(ModelConfig(), DataConfig(), 0)
+    with pytest.raises(ValueError, match="model.warmstart.lr_schedule"):
+        WarmstartConfig(lr_schedule="linear")
 
 
 @pytest.mark.parametrize("stop", ["max_steps", "clock"])
