@@ -15,11 +15,11 @@ with the algorithm's preset (configs/algorithm/*.yaml), the same rollout budget,
 parameter as Hydra overrides (learner.lr=..., algorithm.loss_kwargs.eps_high=...).
 
 The rule (benchmarks/algorithms_stats.py): `tune` runs, per algorithm at K = 4 and 16, lr in {3e-5, 1e-4}
-x its clip parameter (CISPO eps_high in {1, 2, 4} with eps_low 1; DAPO eps_high in {0.28, 0.4} with eps_low
-0.2; GRPO eps in {0.1, 0.2}) on seed 100; per (task, algorithm, K) the setting with the best mean held-out
-accuracy after step 0 is kept (ties: fewer steps to target, then the smaller lr); K = 1 reuses the K = 4
-choice. `report` runs the chosen values on seeds 0-4; `ablation` runs CISPO at K = 16 with the --override
-list appended (recorded in the JSON), to test a suspected cause of its collapse.
+(the long task adds 1e-5) x its clip parameter (CISPO eps_high in {1, 2, 4} with eps_low 1; DAPO eps_high
+in {0.28, 0.4} with eps_low 0.2; GRPO eps in {0.1, 0.2}) on seed 100; per (task, algorithm, K) the setting
+with the best mean held-out accuracy after step 0 is kept (ties: fewer steps to target, then the smaller
+lr); K = 1 reuses the K = 4 choice. `report` runs the chosen values on seeds 0-4; `ablation` runs CISPO at
+K = 16 with the --override list appended (recorded in the JSON), to test a suspected cause of its collapse.
 
 Everything of a task lives in benchmarks/results/algorithms_<task>.json (written after every run, so a
 Ctrl-C loses only the run in progress; --resume skips the finished runs, keyed by task, phase, algorithm, K,

@@ -127,6 +127,9 @@ def test_plans_count_and_keys():
     assert {s.seed for s in tune} == {stats.TUNING_SEED} and len({s.key for s in tune}) == len(tune)
     assert tune[0].key == "scratchpad/tune/cispo/K4/s100/lr3e-05/eps_high=1,eps_low=1"
     assert sum(s.algorithm == "cispo" for s in tune) == 12 and sum(s.algorithm == "grpo" for s in tune) == 8
+    long = stats.tune_plan("long", bench.ALGORITHMS)
+    assert len(long) == 2 * 3 * (3 + 2 + 2) and {s.lr for s in long} == {1e-5, 3e-5, 1e-4}
+    assert {s.key.replace("long/", "scratchpad/", 1) for s in long if s.lr != 1e-5} == {s.key for s in tune}
     choices = {f"K{k}/{a}": {"lr": 1e-4, "loss_kwargs": dict(stats.CLIP_GRID[a][-1])}
                for k in (1, 4, 16) for a in bench.ALGORITHMS}  # fmt: skip
     report = stats.report_plan("scratchpad", bench.ALGORITHMS, (1, 4, 16), stats.REPORT_SEEDS, choices)
