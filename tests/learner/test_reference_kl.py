@@ -36,7 +36,12 @@ PARTITION_EVERYTHING = {"zero_optimization": {"stage3_param_persistence_threshol
 def learner_cfg(stage: int = 2, ranks: int = 1) -> LearnerConfig:
     # 18 tokens per micro-batch: several micro-batches per step, so the penalty is summed over them.
     return LearnerConfig(
-        lr=1e-2, warmup_steps=0, num_threads=1, zero_stage=stage, num_ranks=ranks, micro_batch_tokens=18,
+        lr=1e-2,
+        warmup_steps=0,
+        num_threads=1,
+        zero_stage=stage,
+        num_ranks=ranks,
+        micro_batch_tokens=18,
         adam_eps=ADAM_EPS,
     )
 

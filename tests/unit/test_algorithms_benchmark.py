@@ -94,25 +94,26 @@ def test_runs_in_flight_at_once_are_all_recorded(tmp_path, monkeypatch):
     assert len(done) == 4
 
 
-def test_the_committed_scratchpad_study_is_complete():
-    """benchmarks/results/algorithms_scratchpad.json: the whole tuning grid on the tuning seed, and every
-    reported cell (K = 1, 4, 16 x each algorithm) on the 5 report seeds with the values chosen there; the
+@pytest.mark.parametrize(("task", "steps"), [("scratchpad", 60), ("long", 40)])
+def test_the_committed_study_is_complete(task, steps):
+    """benchmarks/results/algorithms_<task>.json: the whole tuning grid on the tuning seed, and every
+    reported cell (each K x each algorithm) on the 5 report seeds with the values chosen there; the
     chosen values were picked on the tuning seed only (recomputed here from the runs)."""
-    path = REPO / "benchmarks" / "results" / "algorithms_scratchpad.json"
+    path = REPO / "benchmarks" / "results" / f"algorithms_{task}.json"
     result = json.loads(path.read_text())
     runs = [r for r in result["runs"] if "error" not in r]
     assert not [r["key"] for r in result["runs"] if "error" in r]
     tune = {r["key"] for r in runs if r["phase"] == "tune"}
-    assert tune == {spec.key for spec in stats.tune_plan("scratchpad", bench.ALGORITHMS)}
+    assert tune == {spec.key for spec in stats.tune_plan(task, bench.ALGORITHMS)}
     choices = stats.choose(runs, result["target"])
     assert {name: (c["lr"], c["loss_kwargs"]) for name, c in choices.items()} == {
         name: (c["lr"], c["loss_kwargs"]) for name, c in result["choices"].items()
     }
     for algo in bench.ALGORITHMS:
-        for k in (1, 4, 16):
+        for k in bench.TASKS[task]["report_ks"]:
             cell = [r for r in runs if r["phase"] == "report" and r["algorithm"] == algo and r["K"] == k]
             assert sorted(r["seed"] for r in cell) == list(stats.REPORT_SEEDS), (algo, k)
             chosen = choices[f"K{k}/{algo}"]
             assert all(r["lr"] == chosen["lr"] and r["loss_kwargs"] == chosen["loss_kwargs"] for r in cell)
-            assert all(r["eval"]["step"][-1] == r["steps"][-1] == 60 for r in cell)
+            assert all(r["eval"]["step"][-1] == r["steps"][-1] == steps for r in cell)
             assert result["summary"]["cells"][f"report/K{k}/{algo}"]["seeds"] == 5
